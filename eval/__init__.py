@@ -1,0 +1,4 @@
+"""Evaluation, paper reproduction and benchmarks.
+
+Installed as ``multispin_eval`` (folder ``eval/``).
+"""

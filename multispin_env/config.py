@@ -1,0 +1,259 @@
+"""Typed, validated scenario configuration. Units are in every field name.
+
+A :class:`ScenarioConfig` is checked when it is built: a bad value raises ``ValueError``
+naming the field, the value and the allowed range. Presets are YAML files in
+``multispin_env/presets/`` (data, with provenance), loaded by :func:`load_preset`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from multispin_env.physics import payload_bits_per_token
+from multispin_env.verification import build_verification
+
+MAX_USERS = 4096  # the counter-based RNG reserves 4096 user slots per (round, stream)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A prompt category with its empirical acceptance rate (paper Table I).
+
+    Attributes:
+        name: dataset name, e.g. "gsm8k".
+        alpha_mean: mean per-token acceptance rate over prompts.
+        alpha_std: standard deviation of the per-prompt acceptance rate (used only when
+            per-request acceptance is on; a Beta with these moments is drawn per request).
+        weight: relative probability that a request comes from this task.
+    """
+
+    name: str
+    alpha_mean: float
+    alpha_std: float = 0.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        where = f"tasks[{self.name!r}]"
+        if not 0.0 < self.alpha_mean < 1.0:
+            raise ValueError(f"{where}.alpha_mean={self.alpha_mean} must be in (0, 1)")
+        max_std = math.sqrt(self.alpha_mean * (1.0 - self.alpha_mean))
+        if not 0.0 <= self.alpha_std < max_std:
+            raise ValueError(
+                f"{where}.alpha_std={self.alpha_std} must be in [0, {max_std:.4f}) "
+                "(a Beta distribution needs std < sqrt(mean (1 - mean)))"
+            )
+        if not self.weight > 0:
+            raise ValueError(f"{where}.weight={self.weight} must be > 0")
+
+    @property
+    def beta_params(self) -> tuple[float, float]:
+        """(a, b) of the Beta distribution with this mean and std."""
+        m, v = self.alpha_mean, self.alpha_std**2
+        nu = m * (1.0 - m) / v - 1.0
+        return m * nu, (1.0 - m) * nu
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """Everything the simulator needs to know about one deployment.
+
+    Paper notation in brackets. Realism options (per-request acceptance, finite requests, CSI
+    error, energy) are off in the paper presets.
+    """
+
+    name: str = "custom"
+    """Scenario name (used in logs and registered env ids)."""
+    num_users: int = 20
+    """Number of devices K."""
+    bandwidth_hz: float = 10e6
+    """Total uplink bandwidth B shared by FDMA."""
+    noise_power_w: float = 1e-10
+    """Receiver noise power N0 (a power, not a density: Eq. 8 does not scale it by B)."""
+    tx_power_w: float = 1e-7
+    """Device transmit power p_k (same for all devices)."""
+    mean_gain_low: float = 0.2
+    """Lower end of the per-device average channel gain H_bar_k ~ U(low, high)."""
+    mean_gain_high: float = 0.5
+    """Upper end of the per-device average channel gain."""
+    rayleigh_fading: bool = True
+    """Draw H_k = |h_k|^2, h_k ~ CN(0, H_bar_k), independently every round (block fading)."""
+    t_draft_mean_s: float = 0.02
+    """Mean per-token drafting latency T^S of the drafter on a device."""
+    t_draft_spread: float = 0.15
+    """Device heterogeneity: T^S_k ~ U[1 - spread, 1 + spread] * t_draft_mean_s."""
+    vocab_size: int = 32000
+    """Vocabulary size V of the model pair (sets the index bits of the payload)."""
+    kept_vocab: int = 1024
+    """Truncated PMF size |V_kept| uploaded per drafted token."""
+    prob_bits: int = 16
+    """Bits per uploaded probability Q_B."""
+    max_draft_length: int = 25
+    """Largest draft length L_max any policy may choose."""
+    verification: dict = field(
+        default_factory=lambda: {"kind": "affine", "t_fix_s": 0.02268, "t_lin_s": 0.01272}
+    )
+    """Batched verification latency model: {"kind": "affine", t_fix_s, t_lin_s} (Eq. 7) or
+    {"kind": "token_aware", t_fix_s, t_user_s, t_token_s}."""
+    tasks: tuple[TaskSpec, ...] = (TaskSpec("default", 0.75),)
+    """Prompt categories with acceptance statistics; a user's task is drawn by weight."""
+    server_t_draft_s: float = 0.005
+    """Per-token drafting latency of the drafter run on the server (Cen-SPIN baseline only)."""
+    per_request_acceptance: bool = False
+    """Draw each request's acceptance rate from Beta(task mean, task std) instead of using
+    the task mean (Table I gives the spread over prompts)."""
+    request_length_tokens: float = 0.0
+    """Mean tokens per request; 0 means endless requests (the paper's setting). When > 0,
+    requests have geometric lengths and a finished user starts a new request (new task)."""
+    csi_error_std: float = 0.0
+    """Channel estimation error: the server sees |h + e|^2 with e ~ CN(0, std^2 H_bar)."""
+    draft_energy_j_per_token: float = 0.0
+    """Device energy per drafted token (transmission energy is p_k times upload time)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field_name: str, rule: str) -> None:
+            if not ok:
+                value = getattr(self, field_name)
+                raise ValueError(f"ScenarioConfig.{field_name}={value!r}: {rule}")
+
+        need(
+            isinstance(self.num_users, int) and 1 <= self.num_users <= MAX_USERS,
+            "num_users",
+            f"must be an integer in [1, {MAX_USERS}]",
+        )
+        for name in (
+            "bandwidth_hz",
+            "noise_power_w",
+            "tx_power_w",
+            "t_draft_mean_s",
+            "mean_gain_low",
+            "mean_gain_high",
+        ):
+            value = getattr(self, name)
+            need(
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                name,
+                "must be a finite number > 0",
+            )
+        need(
+            self.mean_gain_high >= self.mean_gain_low,
+            "mean_gain_high",
+            f"must be >= mean_gain_low={self.mean_gain_low}",
+        )
+        need(0.0 <= self.t_draft_spread < 1.0, "t_draft_spread", "must be in [0, 1)")
+        need(
+            isinstance(self.max_draft_length, int) and 1 <= self.max_draft_length <= 256,
+            "max_draft_length",
+            "must be an integer in [1, 256]",
+        )
+        need(
+            isinstance(self.vocab_size, int) and self.vocab_size >= 2,
+            "vocab_size",
+            "must be an integer >= 2",
+        )
+        need(
+            isinstance(self.kept_vocab, int) and 1 <= self.kept_vocab <= self.vocab_size,
+            "kept_vocab",
+            f"must be an integer in [1, vocab_size={self.vocab_size}]",
+        )
+        need(
+            isinstance(self.prob_bits, int) and 1 <= self.prob_bits <= 64,
+            "prob_bits",
+            "must be an integer in [1, 64]",
+        )
+        need(self.server_t_draft_s >= 0, "server_t_draft_s", "must be >= 0 seconds")
+        need(
+            self.request_length_tokens == 0 or self.request_length_tokens >= 1,
+            "request_length_tokens",
+            "must be 0 (endless) or >= 1 token",
+        )
+        need(self.csi_error_std >= 0, "csi_error_std", "must be >= 0")
+        need(self.draft_energy_j_per_token >= 0, "draft_energy_j_per_token", "must be >= 0")
+        need(len(self.tasks) >= 1, "tasks", "needs at least one task")
+        need(
+            all(isinstance(t, TaskSpec) for t in self.tasks),
+            "tasks",
+            "must be TaskSpec entries (use ScenarioConfig.from_dict for mappings)",
+        )
+        if self.per_request_acceptance:
+            need(
+                all(t.alpha_std > 0 for t in self.tasks),
+                "tasks",
+                "per_request_acceptance needs alpha_std > 0 for every task",
+            )
+        object.__setattr__(self, "_verification_model", build_verification(self.verification))
+
+    # derived quantities ------------------------------------------------------------------
+    @property
+    def payload_bits(self) -> int:
+        """Q_tok: uploaded bits per drafted token (Eq. 9)."""
+        return payload_bits_per_token(self.kept_vocab, self.prob_bits, self.vocab_size)
+
+    @property
+    def verification_model(self):
+        return self._verification_model  # type: ignore[attr-defined]
+
+    # construction ------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScenarioConfig:
+        """Build from a plain mapping (e.g. parsed YAML); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        data.pop("provenance", None)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"unknown ScenarioConfig field(s): {', '.join(hints)}; "
+                f"valid fields are {sorted(known)}"
+            )
+        if "tasks" in data:
+            data["tasks"] = tuple(
+                t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in data["tasks"]
+            )
+        for key in ("bandwidth_hz", "noise_power_w", "tx_power_w", "t_draft_mean_s"):
+            if isinstance(data.get(key), str):  # YAML reads "1e-10" as a string
+                data[key] = float(data[key])
+        return cls(**data)
+
+    def with_overrides(self, **overrides: Any) -> ScenarioConfig:
+        """A validated copy with some fields replaced (same errors as from_dict)."""
+        merged = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        merged.update(overrides)
+        return ScenarioConfig.from_dict(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tasks"] = [dataclasses.asdict(t) for t in self.tasks]
+        return out
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (files in multispin_env/presets/)."""
+    folder = resources.files("multispin_env") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset_document(name: str) -> dict[str, Any]:
+    """The raw YAML mapping of a preset, provenance included."""
+    names = preset_names()
+    if name not in names:
+        raise ValueError(f"unknown preset {name!r}; available presets: {names}")
+    text = (resources.files("multispin_env") / "presets" / f"{name}.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def load_preset(name: str, **overrides: Any) -> ScenarioConfig:
+    """A shipped preset, with validated overrides applied on top."""
+    doc = load_preset_document(name)
+    doc.update(overrides)
+    return ScenarioConfig.from_dict(doc)

@@ -1,0 +1,1 @@
+"""Training CLIs (SB3). Installed as ``multispin_train`` (folder ``train/``)."""
