@@ -10,8 +10,9 @@ any number of environments is one vectorised hash.
 Keys come from ``numpy.random.Generator.integers`` (seeded by ``reset(seed=...)``), so every
 source of randomness still flows from the caller's seed.
 
-The mixer is the splitmix64 finaliser (Steele et al., "Fast splittable pseudorandom number
-generators", OOPSLA 2014), which passes BigCrush when fed a counter.
+Each draw is splitmix64 (Steele et al., "Fast splittable pseudorandom number generators",
+OOPSLA 2014): the finaliser applied to key + golden * index, i.e. element ``index`` of the
+splitmix64 stream seeded with ``key``; that generator passes BigCrush.
 """
 
 from __future__ import annotations
@@ -53,14 +54,72 @@ def uniforms(keys: np.ndarray, counters: np.ndarray, stream: int, num_users: int
     """
     keys = np.asarray(keys, dtype=np.uint64)
     counters = np.asarray(counters, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        base = (counters * np.uint64(NUM_STREAMS) + np.uint64(stream)) * np.uint64(4096)
-        users = np.arange(num_users, dtype=np.uint64)
-        z = keys[:, None] + _GOLDEN * (base[:, None] + users[None, :] + np.uint64(1))
-        bits = _mix(_mix(z) ^ keys[:, None])
+    # uint64 array arithmetic wraps modulo 2^64 silently (only numpy scalars warn)
+    base = (counters * np.uint64(NUM_STREAMS) + np.uint64(stream)) * np.uint64(4096)
+    start = keys + _GOLDEN * (base + np.uint64(1))
+    bits = _mix(start[:, None] + _user_offsets(num_users)[None, :])
     return ((bits >> _S11).astype(np.float64) + 0.5) * _INV_2_53
+
+
+class RoundUniforms:
+    """Per-round draws of a few streams, precomputed for blocks of rounds.
+
+    ``get(stream, counters)`` returns exactly ``uniforms(keys, counters, stream, K)``, but
+    the hashing runs once per ``block`` rounds per env instead of once per call: at K = 20
+    numpy's per-call overhead, not arithmetic, is what a step costs.
+    """
+
+    def __init__(self, num_envs: int, num_users: int, streams: tuple[int, ...],
+                 block: int = 64) -> None:
+        self.streams = tuple(streams)
+        self._slot = {s: i for i, s in enumerate(self.streams)}
+        self.block, self.num_users = block, num_users
+        self._values = np.zeros((num_envs, block, len(self.streams), num_users))
+        self._start = np.zeros(num_envs, dtype=np.int64)
+        self._keys = np.zeros(num_envs, dtype=np.uint64)
+        self._rows = np.arange(num_envs)
+
+    def rekey(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """New keys for some envs (after reset); their block restarts at round 0."""
+        self._keys[rows] = keys
+        self._fill(rows, np.zeros(len(rows), dtype=np.int64))
+
+    def _fill(self, rows: np.ndarray, start: np.ndarray) -> None:
+        counters = (start[:, None] + np.arange(self.block)[None, :]).ravel()
+        keys = np.repeat(self._keys[rows], self.block)
+        for slot, stream in enumerate(self.streams):
+            u = uniforms(keys, counters, stream, self.num_users)
+            self._values[rows, :, slot, :] = u.reshape(len(rows), self.block, self.num_users)
+        self._start[rows] = start
+
+    def get(self, stream: int, counters: np.ndarray, rows: np.ndarray | None = None):
+        """Draws ``(len(rows), K)`` of ``stream`` at ``counters`` (one per env in rows)."""
+        all_rows = rows is None
+        rows = self._rows if all_rows else rows
+        offset = counters - (self._start if all_rows else self._start[rows])
+        if offset.min() < 0 or offset.max() >= self.block:
+            stale = (offset < 0) | (offset >= self.block)
+            self._fill(rows[stale], counters[stale])
+            offset = counters - self._start[rows]
+        return self._values[rows, offset, self._slot[stream]]
+
+
+_OFFSETS: dict[int, np.ndarray] = {}
+
+
+def _user_offsets(num_users: int) -> np.ndarray:
+    """golden * k for k < num_users (cached: the same few K are used all the time)."""
+    offsets = _OFFSETS.get(num_users)
+    if offsets is None:
+        with np.errstate(over="ignore"):
+            offsets = _GOLDEN * np.arange(num_users, dtype=np.uint64)
+        _OFFSETS[num_users] = offsets
+    return offsets
+
+
+_KEY_HIGH = np.iinfo(np.int64).max
 
 
 def new_keys(rng: np.random.Generator, count: int) -> np.ndarray:
     """Fresh per-environment keys drawn from a seeded generator."""
-    return rng.integers(0, np.iinfo(np.int64).max, size=count, dtype=np.int64).astype(np.uint64)
+    return rng.integers(0, _KEY_HIGH, size=count, dtype=np.int64).astype(np.uint64)

@@ -20,7 +20,7 @@ from scipy.special import betaincinv
 
 from multispin_env import rng as crng
 from multispin_env.config import ScenarioConfig
-from multispin_env.physics import expected_tokens, per_token_upload_s, spectral_efficiency
+from multispin_env.physics import spectral_efficiency
 from multispin_env.types import RoundResult
 
 _EPISODE_COUNTER = np.uint64(1 << 40)  # counter slot for per-episode draws, above any round
@@ -51,6 +51,7 @@ class MultiSpinSimulator:
         alpha: the current request's true acceptance rate (hidden from a realistic policy).
         task_alpha_mean: the offline task-mean estimate a server could know.
         gain, gain_estimate: true channel gain of the coming round and the server's estimate.
+        spectral_eff, spectral_eff_estimate: the matching r_k = log2(1 + p H / N0).
         remaining_tokens: tokens left in each user's request (inf for endless requests).
         round_index: ``(N,)`` rounds played since reset.
     """
@@ -80,10 +81,19 @@ class MultiSpinSimulator:
         self.t_draft_s = np.zeros(shape)
         self.task = np.zeros(shape, dtype=np.int64)
         self.alpha = np.zeros(shape)
+        self._log_alpha = np.zeros(shape)
+        self._finite_requests = config.request_length_tokens > 0
         self.task_alpha_mean = np.zeros(shape)
         self.gain = np.zeros(shape)
         self.gain_estimate = np.zeros(shape)
+        self.spectral_eff = np.zeros(shape)
+        self.spectral_eff_estimate = np.zeros(shape)
         self.remaining_tokens = np.full(shape, np.inf)
+        self._all_ids = np.arange(self.num_envs)
+        round_streams = (crng.STREAM_ACCEPT, crng.STREAM_FADING_MAG)
+        if config.csi_error_std > 0:
+            round_streams += (crng.STREAM_FADING_PHASE, crng.STREAM_CSI_MAG, crng.STREAM_CSI_PHASE)
+        self._round_uniforms = crng.RoundUniforms(self.num_envs, self.num_users, round_streams)
         self._has_reset = False
 
     # ------------------------------------------------------------------ reset
@@ -110,6 +120,7 @@ class MultiSpinSimulator:
         cfg, k = self.config, self.num_users
         self.keys[ids] = keys
         self.round_index[ids] = 0
+        self._round_uniforms.rekey(keys, ids)
         epi = np.full(len(ids), _EPISODE_COUNTER, dtype=np.uint64)
         u_gain = crng.uniforms(keys, epi, 0, k)
         u_draft = crng.uniforms(keys, epi, 1, k)
@@ -149,24 +160,25 @@ class MultiSpinSimulator:
         self.task[sel_r, sel_c] = task[mask]
         self.task_alpha_mean[sel_r, sel_c] = alpha_mean[mask]
         self.alpha[sel_r, sel_c] = alpha[mask]
+        self._log_alpha[sel_r, sel_c] = np.log(alpha[mask])
         self.remaining_tokens[sel_r, sel_c] = length[mask]
 
-    def _draw_channels(self, ids: np.ndarray) -> None:
-        """True gain and server estimate for the coming round of envs ``ids``."""
-        cfg, k = self.config, self.num_users
-        counters = self.round_index[ids].astype(np.uint64)
-        keys = self.keys[ids]
-        mean_gain = self.mean_gain[ids]
+    def _draw_channels(self, ids: np.ndarray | None = None) -> None:
+        """True gain and server estimate for the coming round of envs ``ids`` (None = all)."""
+        cfg = self.config
+        sel = slice(None) if ids is None else ids  # a slice avoids fancy-indexing copies
+        counters = self.round_index[sel]
+        draw = self._round_uniforms.get
+        mean_gain = self.mean_gain[sel]
         if cfg.rayleigh_fading:
-            u_mag = crng.uniforms(keys, counters, crng.STREAM_FADING_MAG, k)
-            power = -np.log(u_mag)  # |h|^2 / H_bar ~ Exp(1)
+            power = -np.log(draw(crng.STREAM_FADING_MAG, counters, ids))  # |h|^2/H_bar ~ Exp(1)
         else:
             power = np.ones_like(mean_gain)
         gain = mean_gain * power
         if cfg.csi_error_std > 0:
-            u_phase = crng.uniforms(keys, counters, crng.STREAM_FADING_PHASE, k)
-            u_emag = crng.uniforms(keys, counters, crng.STREAM_CSI_MAG, k)
-            u_ephase = crng.uniforms(keys, counters, crng.STREAM_CSI_PHASE, k)
+            u_phase = draw(crng.STREAM_FADING_PHASE, counters, ids)
+            u_emag = draw(crng.STREAM_CSI_MAG, counters, ids)
+            u_ephase = draw(crng.STREAM_CSI_PHASE, counters, ids)
             h = np.sqrt(gain) * np.exp(2j * np.pi * u_phase)
             e = (
                 cfg.csi_error_std
@@ -176,20 +188,14 @@ class MultiSpinSimulator:
             estimate = np.abs(h + e) ** 2
         else:
             estimate = gain
-        self.gain[ids] = gain
-        self.gain_estimate[ids] = estimate
-
-    # ------------------------------------------------------------------ views
-    @property
-    def spectral_eff(self) -> np.ndarray:
-        """True r_k of the coming round (bit/s/Hz)."""
-        return spectral_efficiency(self.config.tx_power_w, self.gain, self.config.noise_power_w)
-
-    @property
-    def spectral_eff_estimate(self) -> np.ndarray:
-        """r_k as the server estimates it from its CSI."""
-        return spectral_efficiency(
-            self.config.tx_power_w, self.gain_estimate, self.config.noise_power_w
+        self.gain[sel] = gain
+        self.gain_estimate[sel] = estimate
+        # cached: the policy, the observation and the round all read them every step
+        p, n0 = cfg.tx_power_w, cfg.noise_power_w
+        r = spectral_efficiency(p, gain, n0)
+        self.spectral_eff[sel] = r
+        self.spectral_eff_estimate[sel] = (
+            r if estimate is gain else spectral_efficiency(p, estimate, n0)
         )
 
     # ------------------------------------------------------------------ step
@@ -239,29 +245,25 @@ class MultiSpinSimulator:
         lf = lengths.astype(np.float64)
 
         t_draft = lf * self.t_draft_s
-        t_upload = np.where(
-            active, lf * per_token_upload_s(self.payload_bits, bw, self.spectral_eff), 0.0
-        )
+        # idle users have L = 0 and so no upload time; validated active users have B_k > 0
+        t_upload = lf * (self.payload_bits / np.maximum(bw * self.spectral_eff, 1e-300))
         finish = t_draft + t_upload
         t_ma = finish.max(axis=-1)
-        straggler = np.where(active.any(axis=-1), finish.argmax(axis=-1), -1)
+        straggler = finish.argmax(axis=-1)
         t_ver = self.verification.latency_s(lengths)
         round_time = t_ma + t_ver
 
-        counters = self.round_index.astype(np.uint64)
-        u_acc = crng.uniforms(self.keys, counters, crng.STREAM_ACCEPT, k)
+        u_acc = self._round_uniforms.get(crng.STREAM_ACCEPT, self.round_index)
         # P(accepted >= j) = alpha^j: a truncated geometric via inverse CDF.
-        geom = np.floor(np.log(u_acc) / np.log(self.alpha))
-        accepted = np.where(active, np.minimum(geom, lf), 0.0).astype(np.int64)
-        committed = np.where(active, accepted + 1, 0)
-        exp_tokens = np.where(active, expected_tokens(self.alpha, lf), 0.0)
+        accepted = np.minimum(np.floor(np.log(u_acc) / self._log_alpha), lf).astype(np.int64)
+        committed = accepted + active
+        # Eq. (12); alpha < 1 always (task means are validated, Beta draws clipped)
+        exp_tokens = active * (1.0 - self.alpha ** (lf + 1.0)) / (1.0 - self.alpha)
 
-        finite = np.isfinite(self.remaining_tokens)
-        if finite.any():
-            committed = np.where(finite, np.minimum(committed, self.remaining_tokens), committed)
-            committed = committed.astype(np.int64)
+        if self._finite_requests:
+            committed = np.minimum(committed, self.remaining_tokens).astype(np.int64)
             self.remaining_tokens = self.remaining_tokens - committed
-            done = finite & (self.remaining_tokens <= 0)
+            done = self.remaining_tokens <= 0
         else:
             done = np.zeros((n, k), dtype=bool)
 
@@ -283,8 +285,7 @@ class MultiSpinSimulator:
         if done.any():
             rows = np.flatnonzero(done.any(axis=-1))
             self._start_requests(rows, self.round_index[rows].astype(np.uint64), done[rows])
-        all_ids = np.arange(n)
-        self._draw_channels(all_ids)
+        self._draw_channels()
         return result
 
 

@@ -1,0 +1,152 @@
+"""Action codecs: policy outputs <-> allocations, shared by the env and the live scheduler.
+
+Every codec turns a batch of actions ``(N, ...)`` into integer draft lengths ``(N, K)`` in
+[1, L_max] and bandwidth ``(N, K)`` in Hz that sums to B: feasible by construction. SB3
+supports Box, Discrete and MultiDiscrete action spaces, so those are the only ones used.
+
+modes
+    full                  Box(-1, 1, (2 K_max,)): first K_max entries pick each user's draft
+                          length (the interval is cut into L_max equal bins), the last K_max
+                          are logits of the bandwidth shares: share = softmax(1.5 * logit) over
+                          active users (shares within a ratio of e^3 ~ 20 are representable).
+    lengths               Box(-1, 1, (K_max,)): per-user draft lengths as above; bandwidth is
+                          the paper's latency-equalising split for those lengths (Lemma 3).
+    lengths_discrete      MultiDiscrete([L_max] * K_max): L_k = a_k + 1; Lemma 3 bandwidth.
+    homogeneous           Box(-1, 1, (1,)): one common draft length; Lemma 1 bandwidth.
+    homogeneous_discrete  Discrete(L_max): L = a + 1; Lemma 1 bandwidth.
+
+Slots beyond the K active users are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gymnasium import spaces
+
+from multispin_env.allocation import latency_equalising_bandwidth
+
+SHARE_TEMPERATURE = 1.5
+MODES = ("full", "lengths", "lengths_discrete", "homogeneous", "homogeneous_discrete")
+
+
+@dataclass(frozen=True)
+class DecisionContext:
+    """What the server knows when it turns an action into an allocation.
+
+    Attributes:
+        spectral_eff_est: ``(N, K)`` channel estimates r^_k in bit/s/Hz.
+        t_draft_s: ``(N, K)`` per-token drafting latencies.
+        payload_bits: Q_tok.
+        bandwidth_hz: total uplink bandwidth B.
+    """
+
+    spectral_eff_est: np.ndarray
+    t_draft_s: np.ndarray
+    payload_bits: float
+    bandwidth_hz: float
+
+
+def _box_to_length(a: np.ndarray, l_max: int) -> np.ndarray:
+    bins = np.floor((np.asarray(a, dtype=np.float64) + 1.0) * (0.5 * l_max))
+    return (1 + np.minimum(np.maximum(bins, 0), l_max - 1)).astype(np.int64)
+
+
+def _length_to_box(lengths: np.ndarray, l_max: int) -> np.ndarray:
+    return (2.0 * (np.asarray(lengths, dtype=np.float64) - 0.5) / l_max - 1.0).astype(np.float32)
+
+
+class ActionCodec:
+    """Decode policy actions into (draft lengths, bandwidth in Hz); see module docstring."""
+
+    def __init__(self, mode: str, max_users: int, max_draft_length: int) -> None:
+        if mode not in MODES:
+            raise ValueError(f"action mode {mode!r} is not one of {MODES}")
+        if max_users < 1 or max_draft_length < 1:
+            raise ValueError("max_users and max_draft_length must be >= 1")
+        self.mode, self.max_users, self.max_draft_length = mode, max_users, max_draft_length
+        l_max = max_draft_length
+        self.space: spaces.Space = {
+            "full": spaces.Box(-1.0, 1.0, (2 * max_users,), dtype=np.float32),
+            "lengths": spaces.Box(-1.0, 1.0, (max_users,), dtype=np.float32),
+            "lengths_discrete": spaces.MultiDiscrete(np.full(max_users, l_max)),
+            "homogeneous": spaces.Box(-1.0, 1.0, (1,), dtype=np.float32),
+            "homogeneous_discrete": spaces.Discrete(l_max),
+        }[mode]
+
+    def _batch(self, action) -> np.ndarray:
+        a = np.asarray(action)
+        single_shape = self.space.shape
+        if a.shape == single_shape:
+            a = a[None]
+        if a.shape[1:] != single_shape:
+            raise ValueError(
+                f"action shape {np.asarray(action).shape} does not match the {self.mode!r} "
+                f"action space {self.space} (batched: (N,) + {single_shape})"
+            )
+        if a.dtype.kind == "f" and not np.isfinite(a.sum()):
+            raise ValueError("action contains NaN or inf")
+        return a
+
+    def decode(self, action, ctx: DecisionContext) -> tuple[np.ndarray, np.ndarray]:
+        """Batch of actions -> (lengths ``(N, K)`` int64, bandwidth ``(N, K)`` Hz)."""
+        a = self._batch(action)
+        n, k = ctx.spectral_eff_est.shape
+        if a.shape[0] != n:
+            raise ValueError(f"got {a.shape[0]} actions for {n} environments")
+        l_max = self.max_draft_length
+        if self.mode == "full":
+            lengths = _box_to_length(a[:, :k], l_max)
+            raw = a[:, self.max_users : self.max_users + k].astype(np.float64)
+            logits = SHARE_TEMPERATURE * np.minimum(np.maximum(raw, -1.0), 1.0)
+            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+            shares = weights / weights.sum(axis=1, keepdims=True)
+            return lengths, shares * ctx.bandwidth_hz
+        if self.mode == "lengths":
+            lengths = _box_to_length(a[:, :k], l_max)
+        elif self.mode == "lengths_discrete":
+            if np.any((a < 0) | (a >= l_max)):
+                raise ValueError(f"lengths_discrete actions must be integers in [0, {l_max - 1}]")
+            lengths = a[:, :k].astype(np.int64) + 1
+        elif self.mode == "homogeneous":
+            lengths = np.repeat(_box_to_length(a[:, :1], l_max), k, axis=1)
+        else:
+            if np.any((a < 0) | (a >= l_max)):
+                raise ValueError(f"homogeneous_discrete actions must be in [0, {l_max - 1}]")
+            lengths = np.repeat(a.reshape(n, 1).astype(np.int64) + 1, k, axis=1)
+        bandwidth, _ = latency_equalising_bandwidth(
+            lengths, ctx.t_draft_s, ctx.spectral_eff_est, ctx.payload_bits, ctx.bandwidth_hz
+        )
+        return lengths, bandwidth
+
+    def encode(self, lengths, bandwidth_hz=None) -> np.ndarray:
+        """Allocation -> an action that decodes back to it (batched ``(N, K)`` inputs).
+
+        Exact for lengths in every mode; for ``full`` also for bandwidth shares whose
+        largest/smallest ratio is within e^(2 * SHARE_TEMPERATURE). ``homogeneous`` modes
+        take the first user's length.
+        """
+        lengths = np.atleast_2d(np.asarray(lengths))
+        n, k = lengths.shape
+        l_max = self.max_draft_length
+        if np.any((lengths < 1) | (lengths > l_max)):
+            raise ValueError(f"lengths must be in [1, {l_max}]")
+        if self.mode in ("homogeneous", "homogeneous_discrete"):
+            if self.mode == "homogeneous":
+                return _length_to_box(lengths[:, :1], l_max)
+            return (lengths[:, 0] - 1).astype(np.int64)
+        if self.mode == "lengths_discrete":
+            out = np.zeros((n, self.max_users), dtype=np.int64)
+            out[:, :k] = lengths - 1
+            return out
+        width = self.max_users if self.mode == "lengths" else 2 * self.max_users
+        out = np.zeros((n, width), dtype=np.float32)
+        out[:, :k] = _length_to_box(lengths, l_max)
+        if self.mode == "full":
+            if bandwidth_hz is None:
+                raise ValueError("the 'full' codec needs bandwidth_hz to encode")
+            log_share = np.log(np.maximum(np.atleast_2d(bandwidth_hz), 1e-300))
+            logits = (log_share - log_share.max(axis=1, keepdims=True)) / SHARE_TEMPERATURE + 1.0
+            out[:, self.max_users : self.max_users + k] = np.clip(logits, -1.0, 1.0)
+        return out

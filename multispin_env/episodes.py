@@ -1,0 +1,200 @@
+"""Episode logic shared by the scalar env and the native batched env.
+
+:class:`BatchedEpisodes` runs N episodes side by side on one vectorised simulator: it decodes
+actions with the shared codec, plays the round, scores the reward, updates the server-side
+history and builds the next observation with the shared builder. The scalar env is this
+class with N = 1, so both envs run the very same maths.
+
+Reward (why this one): an episode lasts a fixed amount of *simulated time* ``horizon_s``,
+and the reward of a round is the tokens it commits within that time (the round that crosses
+the horizon counts pro rata). The undiscounted return is then the goodput over the episode
+times the horizon: maximising it maximises long-run goodput (total tokens / total time),
+not the mean of per-round ratios, which over-weights short rounds. Optional named
+components (time, energy) are combined by weights and reported separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+import numpy as np
+
+from multispin_env.action_codec import ActionCodec, DecisionContext
+from multispin_env.config import ScenarioConfig
+from multispin_env.observation import ObservationSpec, UserHistory, build_observation
+from multispin_env.simulator import MultiSpinSimulator
+
+REWARD_COMPONENTS = ("tokens", "time", "energy")
+
+
+@dataclass(frozen=True)
+class EnvOptions:
+    """Env-level options (scenario physics live in ScenarioConfig).
+
+    Attributes:
+        action_mode: one of multispin_env.action_codec.MODES.
+        max_users: user slots K_max in observation and action (>= num_users).
+        horizon_s: simulated seconds per episode (truncation).
+        reward_weights: weights of the reward components: ``tokens`` (committed tokens per
+            user), ``time`` (minus round seconds), ``energy`` (minus device joules).
+        observe_true_alpha: give the policy the hidden per-request acceptance rate.
+        history_decay: EWMA decay of the acceptance history per round.
+    """
+
+    action_mode: str = "full"
+    max_users: int | None = None
+    horizon_s: float = 30.0
+    reward_weights: tuple[tuple[str, float], ...] = (("tokens", 1.0),)
+    observe_true_alpha: bool = False
+    history_decay: float = 0.8
+
+    @staticmethod
+    def build(config: ScenarioConfig, **kwargs) -> EnvOptions:
+        weights = kwargs.pop("reward_weights", None)
+        if weights is not None:
+            if not isinstance(weights, dict):
+                raise ValueError("reward_weights must be a mapping like {'tokens': 1.0}")
+            unknown = sorted(set(weights) - set(REWARD_COMPONENTS))
+            if unknown:
+                raise ValueError(
+                    f"reward_weights has unknown component(s) {unknown}; "
+                    f"choose from {REWARD_COMPONENTS}"
+                )
+            kwargs["reward_weights"] = tuple(sorted((k, float(v)) for k, v in weights.items()))
+        opts = EnvOptions(**kwargs)
+        max_users = config.num_users if opts.max_users is None else opts.max_users
+        if not isinstance(max_users, int) or max_users < config.num_users:
+            raise ValueError(
+                f"max_users={opts.max_users!r} must be an integer >= num_users={config.num_users}"
+            )
+        if not (isinstance(opts.horizon_s, (int, float)) and opts.horizon_s > 0):
+            raise ValueError(f"horizon_s={opts.horizon_s!r} must be > 0 seconds")
+        if not 0.0 < opts.history_decay < 1.0:
+            raise ValueError(f"history_decay={opts.history_decay!r} must be in (0, 1)")
+        return EnvOptions(
+            action_mode=opts.action_mode,
+            max_users=max_users,
+            horizon_s=float(opts.horizon_s),
+            reward_weights=opts.reward_weights,
+            observe_true_alpha=bool(opts.observe_true_alpha),
+            history_decay=opts.history_decay,
+        )
+
+
+def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """Separate env options from scenario overrides; unknown names are an error."""
+    env_keys = set(EnvOptions.__dataclass_fields__)
+    scenario_keys = {f.name for f in dataclasses.fields(ScenarioConfig)}
+    unknown = sorted(set(kwargs) - env_keys - scenario_keys)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, env_keys | scenario_keys, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"unknown env argument(s) {', '.join(hints)}; env options are {sorted(env_keys)}, "
+            f"scenario overrides are {sorted(scenario_keys)}"
+        )
+    env_kwargs = {k: v for k, v in kwargs.items() if k in env_keys}
+    scenario_kwargs = {k: v for k, v in kwargs.items() if k not in env_keys}
+    return env_kwargs, scenario_kwargs
+
+
+class BatchedEpisodes:
+    """N synchronous episodes over one vectorised simulator."""
+
+    def __init__(self, config: ScenarioConfig, options: EnvOptions, num_envs: int) -> None:
+        self.config, self.options, self.num_envs = config, options, num_envs
+        self.sim = MultiSpinSimulator(config, num_envs)
+        self.codec = ActionCodec(options.action_mode, options.max_users, config.max_draft_length)
+        self.spec = ObservationSpec(
+            max_users=options.max_users,
+            max_draft_length=config.max_draft_length,
+            t_ref_s=config.t_draft_mean_s,
+            payload_bits=float(config.payload_bits),
+            bandwidth_hz=config.bandwidth_hz,
+            observe_true_alpha=options.observe_true_alpha,
+        )
+        self.history = UserHistory(num_envs, config.num_users, decay=options.history_decay)
+        self.weights = dict(options.reward_weights)
+        self.elapsed_s = np.zeros(num_envs)
+        self.episode_tokens = np.zeros(num_envs)
+        self.episode_rounds = np.zeros(num_envs, dtype=np.int64)
+        self.last_lengths = np.zeros((num_envs, config.num_users), dtype=np.int64)
+        self.last_bandwidth = np.zeros((num_envs, config.num_users))
+        self.last_result = None
+
+    def reset(self, keys: np.ndarray, env_ids: np.ndarray) -> None:
+        self.sim.reset(keys, env_ids=env_ids)
+        self.history.reset(self.sim.task_alpha_mean[env_ids], rows=env_ids)
+        self.elapsed_s[env_ids] = 0.0
+        self.episode_tokens[env_ids] = 0.0
+        self.episode_rounds[env_ids] = 0
+        # fresh arrays, not in-place writes: the last step's info still holds the old ones
+        self.last_lengths = self.last_lengths.copy()
+        self.last_bandwidth = self.last_bandwidth.copy()
+        self.last_lengths[env_ids] = 0
+        self.last_bandwidth[env_ids] = 0.0
+
+    def context(self) -> DecisionContext:
+        return DecisionContext(self.sim.spectral_eff_estimate, self.sim.t_draft_s,
+                               float(self.config.payload_bits), self.config.bandwidth_hz)
+
+    def observe(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Observations of all envs, or of ``rows`` only (e.g. envs just reset)."""
+        sim, hist = self.sim, self.history
+        if rows is None:
+            return build_observation(
+                self.spec, hist, sim.spectral_eff_estimate, sim.t_draft_s, sim.task_alpha_mean,
+                self.elapsed_s / self.options.horizon_s,
+                alpha_true=sim.alpha if self.options.observe_true_alpha else None,
+            )
+        return build_observation(
+            self.spec, hist.rows(rows), sim.spectral_eff_estimate[rows], sim.t_draft_s[rows],
+            sim.task_alpha_mean[rows], self.elapsed_s[rows] / self.options.horizon_s,
+            alpha_true=sim.alpha[rows] if self.options.observe_true_alpha else None,
+        )
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Play one round everywhere. Returns (reward, truncated, per-env round summary)."""
+        lengths, bandwidth = self.codec.decode(actions, self.context())
+        res = self.sim.step(lengths, bandwidth, validate=False)
+        horizon = self.options.horizon_s
+        # share of the round inside the horizon (elapsed < horizon before every step)
+        inside = np.minimum((horizon - self.elapsed_s) / res.round_time_s, 1.0)
+        tokens = res.committed.sum(axis=-1)
+        energy = res.energy_j.sum(axis=-1)
+        components = {
+            "tokens": inside * tokens / self.config.num_users,
+            "time": -inside * res.round_time_s,
+            "energy": -inside * energy,
+        }
+        reward = sum(weight * components[name] for name, weight in self.weights.items())
+        self.elapsed_s += res.round_time_s
+        self.episode_tokens += inside * tokens
+        self.episode_rounds += 1
+        truncated = self.elapsed_s >= horizon
+        self.history.update(
+            res.drafted, res.accepted, bandwidth / self.config.bandwidth_hz, res.round_time_s,
+            new_request=res.request_done, alpha_prior=self.sim.task_alpha_mean,
+        )
+        self.last_lengths, self.last_bandwidth, self.last_result = lengths, bandwidth, res
+        summary = {
+            "reward_components": components,
+            "tokens": tokens,
+            "round_time_s": res.round_time_s,
+            "goodput_tokens_per_s": tokens / res.round_time_s,
+            "episode_goodput_tokens_per_s": self.episode_tokens
+            / np.minimum(self.elapsed_s, horizon),
+            "t_draft_s": res.t_draft_s,
+            "t_upload_s": res.t_upload_s,
+            "t_verify_s": res.t_verify_s,
+            "straggler": res.straggler,
+            "draft_lengths": lengths,
+            "bandwidth_hz": bandwidth,
+            "committed": res.committed,
+            "energy_j": energy,
+        }
+        return reward, truncated, summary

@@ -1,0 +1,197 @@
+"""Observation features a real edge server has, built the same way in simulation and live.
+
+The env and the live scheduler both keep a :class:`UserHistory` (what the server has seen
+of each user) and call :func:`build_observation`; nothing here reads the simulator's hidden
+state, so a policy trained in simulation sees the same features when deployed.
+
+Layout (float32, all finite, ``K_max`` user slots; empty slots are all zeros):
+
+per user slot k (``USER_FEATURES``, in this order)
+    active            1 if a user occupies the slot
+    spectral_eff      server's channel estimate r^_k / 10 bit/s/Hz, clipped to [0, 4]
+    t_draft           drafting latency per token T^S_k / t_ref_s, clipped to [0, 4]
+    upload_equal      per-token upload time at an equal bandwidth share / t_ref_s, in [0, 10]
+    alpha_prior       offline acceptance estimate of the user's task category
+    alpha_hat         acceptance estimate from history: EWMA successes / EWMA trials
+    accept_frac       EWMA of accepted / drafted
+    last_drafted      last round's draft length / L_max
+    last_accepted     last round's accepted tokens / L_max
+    prev_share        last round's bandwidth share x K (1 = equal share), clipped to [0, 10]
+    [alpha_true]      only with ``observe_true_alpha``: the hidden true acceptance rate
+global (``GLOBAL_FEATURES``)
+    active_frac       active users / K_max
+    last_round_time   last round time / (L_max t_ref_s), clipped to [0, 10]
+    horizon_frac      elapsed / episode horizon, capped at 1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+USER_FEATURES = (
+    "active",
+    "spectral_eff",
+    "t_draft",
+    "upload_equal",
+    "alpha_prior",
+    "alpha_hat",
+    "accept_frac",
+    "last_drafted",
+    "last_accepted",
+    "prev_share",
+)
+GLOBAL_FEATURES = ("active_frac", "last_round_time", "horizon_frac")
+_UPPER = {"spectral_eff": 4.0, "t_draft": 4.0, "upload_equal": 10.0, "prev_share": 10.0}
+_R_REF = 10.0  # bit/s/Hz
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """Shape and normalisation of the observation (part of a policy's contract).
+
+    Attributes:
+        max_users: number of user slots K_max.
+        max_draft_length: L_max used to normalise lengths.
+        t_ref_s: reference time scale (the scenario's mean drafting latency).
+        payload_bits: Q_tok, bits per drafted token.
+        bandwidth_hz: total uplink bandwidth B.
+        observe_true_alpha: append the hidden true acceptance rate per user.
+    """
+
+    max_users: int
+    max_draft_length: int
+    t_ref_s: float
+    payload_bits: float
+    bandwidth_hz: float
+    observe_true_alpha: bool = False
+
+    @property
+    def user_features(self) -> tuple[str, ...]:
+        return USER_FEATURES + (("alpha_true",) if self.observe_true_alpha else ())
+
+    @property
+    def size(self) -> int:
+        return self.max_users * len(self.user_features) + len(GLOBAL_FEATURES)
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = [f"user{k}.{f}" for k in range(self.max_users) for f in self.user_features]
+        return names + list(GLOBAL_FEATURES)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        high_user = np.array([_UPPER.get(f, 1.0) for f in self.user_features], dtype=np.float32)
+        high_global = np.array([1.0, 10.0, 1.0], dtype=np.float32)
+        high = np.concatenate([np.tile(high_user, self.max_users), high_global])
+        return np.zeros_like(high), high
+
+
+class UserHistory:
+    """What the server remembers about each user, vectorised over ``(N, K)``.
+
+    Acceptance is tracked as exponentially weighted counts of Bernoulli trials: a round with
+    ``a`` accepted of ``L`` drafted tokens contributes ``a`` successes and ``a + 1`` trials
+    if a token was rejected (``a`` if all were accepted), the maximum-likelihood estimator
+    of a truncated geometric. New requests restart from the task prior.
+    """
+
+    def __init__(self, num_envs: int, num_users: int, decay: float = 0.8,
+                 prior_weight: float = 2.0) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay={decay} must be in (0, 1)")
+        if prior_weight <= 0:
+            raise ValueError(f"prior_weight={prior_weight} must be > 0")
+        self.decay, self.prior_weight = decay, prior_weight
+        shape = (num_envs, num_users)
+        self.successes = np.zeros(shape)
+        self.trials = np.zeros(shape)
+        self.accept_frac = np.zeros(shape)
+        self.last_drafted = np.zeros(shape)
+        self.last_accepted = np.zeros(shape)
+        self.prev_share = np.zeros(shape)
+        self.last_round_time_s = np.zeros(num_envs)
+
+    def reset(self, alpha_prior: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Forget everything for the given rows (default all) and start from the prior."""
+        rows = slice(None) if rows is None else rows
+        self.successes[rows] = alpha_prior * self.prior_weight
+        self.trials[rows] = self.prior_weight
+        self.accept_frac[rows] = alpha_prior
+        for arr in (self.last_drafted, self.last_accepted, self.prev_share):
+            arr[rows] = 0.0
+        self.last_round_time_s[rows] = 0.0
+
+    def update(self, drafted, accepted, bandwidth_share, round_time_s, new_request=None,
+               alpha_prior=None) -> None:
+        """Record one round. ``new_request`` marks users whose request just ended."""
+        drafted = np.asarray(drafted, dtype=np.float64)
+        accepted = np.asarray(accepted, dtype=np.float64)
+        d = self.decay
+        successes = d * self.successes + accepted
+        trials = d * self.trials + accepted + (accepted < drafted)
+        accept_frac = d * self.accept_frac + (1 - d) * accepted / np.maximum(drafted, 1.0)
+        idle = drafted <= 0
+        if idle.any():  # users that did not draft keep their history
+            successes = np.where(idle, self.successes, successes)
+            trials = np.where(idle, self.trials, trials)
+            accept_frac = np.where(idle, self.accept_frac, accept_frac)
+        self.successes, self.trials, self.accept_frac = successes, trials, accept_frac
+        self.last_drafted, self.last_accepted = drafted, accepted
+        self.prev_share = np.asarray(bandwidth_share, dtype=np.float64)
+        self.last_round_time_s = np.asarray(round_time_s, dtype=np.float64)
+        if new_request is not None and np.any(new_request):
+            prior = np.asarray(alpha_prior)
+            self.successes = np.where(new_request, prior * self.prior_weight, self.successes)
+            self.trials = np.where(new_request, self.prior_weight, self.trials)
+            self.accept_frac = np.where(new_request, prior, self.accept_frac)
+
+    def rows(self, rows: np.ndarray) -> UserHistory:
+        """A copy holding only the given environments (for partial observations)."""
+        view = UserHistory.__new__(UserHistory)
+        view.decay, view.prior_weight = self.decay, self.prior_weight
+        for name in ("successes", "trials", "accept_frac", "last_drafted", "last_accepted",
+                     "prev_share", "last_round_time_s"):
+            setattr(view, name, getattr(self, name)[rows])
+        return view
+
+    @property
+    def alpha_hat(self) -> np.ndarray:
+        return self.successes / np.maximum(self.trials, 1e-12)
+
+
+def build_observation(spec: ObservationSpec, history: UserHistory, spectral_eff_est,
+                      t_draft_s, alpha_prior, horizon_frac, alpha_true=None) -> np.ndarray:
+    """Observation array ``(N, spec.size)`` from server-side quantities ``(N, K)``.
+
+    K (active users) may be below ``spec.max_users``; the remaining slots are zero.
+    """
+    r_hat = np.asarray(spectral_eff_est, dtype=np.float64)
+    n, k = r_hat.shape
+    if k > spec.max_users:
+        raise ValueError(f"{k} users do not fit the observation's max_users={spec.max_users}")
+    t_ref = spec.t_ref_s
+    upload_equal = spec.payload_bits * k / (spec.bandwidth_hz * np.maximum(r_hat, 1e-9)) / t_ref
+    l_max = spec.max_draft_length
+    n_feat = len(spec.user_features)
+    out = np.zeros((n, spec.size), dtype=np.float32)
+    per_user = out[:, : spec.max_users * n_feat].reshape(n, spec.max_users, n_feat)[:, :k]
+    per_user[..., 0] = 1.0
+    np.minimum(r_hat / _R_REF, 4.0, out=per_user[..., 1], casting="unsafe")
+    np.minimum(np.asarray(t_draft_s) / t_ref, 4.0, out=per_user[..., 2], casting="unsafe")
+    np.minimum(upload_equal, 10.0, out=per_user[..., 3], casting="unsafe")
+    per_user[..., 4] = alpha_prior
+    per_user[..., 5] = history.alpha_hat
+    per_user[..., 6] = history.accept_frac
+    per_user[..., 7] = history.last_drafted / l_max
+    per_user[..., 8] = history.last_accepted / l_max
+    np.minimum(history.prev_share * k, 10.0, out=per_user[..., 9], casting="unsafe")
+    if spec.observe_true_alpha:
+        if alpha_true is None:
+            raise ValueError("observe_true_alpha is set but alpha_true was not given")
+        per_user[..., 10] = alpha_true
+    glob = out[:, spec.max_users * n_feat :]
+    glob[:, 0] = k / spec.max_users
+    glob[:, 1] = np.minimum(history.last_round_time_s / (l_max * t_ref), 10.0)
+    glob[:, 2] = np.minimum(horizon_frac, 1.0)
+    return out
