@@ -32,8 +32,12 @@ def main(argv=None) -> None:
     parser.add_argument("--num-envs", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--action-mode", default="full")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed repeats; the best is reported (the VM's noise only slows)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed repeats; the best is reported (the VM's noise only slows)",
+    )
     args = parser.parse_args(argv)
 
     env = gym.make(args.env_id, action_mode=args.action_mode).unwrapped
@@ -47,11 +51,16 @@ def main(argv=None) -> None:
                 env.reset()
         return args.steps / (time.perf_counter() - t0)
 
-    venv = gym.make_vec(args.env_id, num_envs=args.num_envs,
-                        vectorization_mode="vector_entry_point", action_mode=args.action_mode)
+    venv = gym.make_vec(
+        args.env_id,
+        num_envs=args.num_envs,
+        vectorization_mode="vector_entry_point",
+        action_mode=args.action_mode,
+    )
     venv.reset(seed=0)
-    batch_action = _typical_action(venv.unwrapped.episodes.codec, venv.unwrapped.config.num_users,
-                                   args.num_envs)
+    batch_action = _typical_action(
+        venv.unwrapped.episodes.codec, venv.unwrapped.config.num_users, args.num_envs
+    )
     batch_steps = max(args.steps // 10, 50)
 
     def run_batched() -> float:
@@ -67,14 +76,20 @@ def main(argv=None) -> None:
     s_best, b_best = max(scalar), max(batched)
 
     k = env.config.num_users
-    print(f"{args.env_id}, K={k}, action_mode={args.action_mode}, one thread, "
-          f"best (median) of {args.repeats} repeats")
+    print(
+        f"{args.env_id}, K={k}, action_mode={args.action_mode}, one thread, "
+        f"best (median) of {args.repeats} repeats"
+    )
     print(f"{'env':<28}{'steps/s':>22}{'target':>10}{'ratio':>8}")
-    print(f"{'scalar MultiSpinEnv':<28}{f'{s_best:,.0f} ({np.median(scalar):,.0f})':>22}"
-          f"{10_000:>10,}{s_best / 10_000:>8.2f}")
-    print(f"{f'batched N={args.num_envs} (env-steps)':<28}"
-          f"{f'{b_best:,.0f} ({np.median(batched):,.0f})':>22}{300_000:>10,}"
-          f"{b_best / 300_000:>8.2f}")
+    print(
+        f"{'scalar MultiSpinEnv':<28}{f'{s_best:,.0f} ({np.median(scalar):,.0f})':>22}"
+        f"{10_000:>10,}{s_best / 10_000:>8.2f}"
+    )
+    print(
+        f"{f'batched N={args.num_envs} (env-steps)':<28}"
+        f"{f'{b_best:,.0f} ({np.median(batched):,.0f})':>22}{300_000:>10,}"
+        f"{b_best / 300_000:>8.2f}"
+    )
     print(f"batched / scalar per env-step: {b_best / s_best:.1f}x")
 
 

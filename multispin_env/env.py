@@ -83,8 +83,12 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 2}
 
-    def __init__(self, scenario: str | ScenarioConfig = "paper-llama2",
-                 render_mode: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        scenario: str | ScenarioConfig = "paper-llama2",
+        render_mode: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         env_kwargs, scenario_kwargs = split_kwargs(kwargs)
         self.config = resolve_scenario(scenario, scenario_kwargs)
         self.options = EnvOptions.build(self.config, **env_kwargs)

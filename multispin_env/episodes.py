@@ -139,21 +139,33 @@ class BatchedEpisodes:
         self.last_bandwidth[env_ids] = 0.0
 
     def context(self) -> DecisionContext:
-        return DecisionContext(self.sim.spectral_eff_estimate, self.sim.t_draft_s,
-                               float(self.config.payload_bits), self.config.bandwidth_hz)
+        return DecisionContext(
+            self.sim.spectral_eff_estimate,
+            self.sim.t_draft_s,
+            float(self.config.payload_bits),
+            self.config.bandwidth_hz,
+        )
 
     def observe(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Observations of all envs, or of ``rows`` only (e.g. envs just reset)."""
         sim, hist = self.sim, self.history
         if rows is None:
             return build_observation(
-                self.spec, hist, sim.spectral_eff_estimate, sim.t_draft_s, sim.task_alpha_mean,
+                self.spec,
+                hist,
+                sim.spectral_eff_estimate,
+                sim.t_draft_s,
+                sim.task_alpha_mean,
                 self.elapsed_s / self.options.horizon_s,
                 alpha_true=sim.alpha if self.options.observe_true_alpha else None,
             )
         return build_observation(
-            self.spec, hist.rows(rows), sim.spectral_eff_estimate[rows], sim.t_draft_s[rows],
-            sim.task_alpha_mean[rows], self.elapsed_s[rows] / self.options.horizon_s,
+            self.spec,
+            hist.rows(rows),
+            sim.spectral_eff_estimate[rows],
+            sim.t_draft_s[rows],
+            sim.task_alpha_mean[rows],
+            self.elapsed_s[rows] / self.options.horizon_s,
             alpha_true=sim.alpha[rows] if self.options.observe_true_alpha else None,
         )
 
@@ -177,8 +189,12 @@ class BatchedEpisodes:
         self.episode_rounds += 1
         truncated = self.elapsed_s >= horizon
         self.history.update(
-            res.drafted, res.accepted, bandwidth / self.config.bandwidth_hz, res.round_time_s,
-            new_request=res.request_done, alpha_prior=self.sim.task_alpha_mean,
+            res.drafted,
+            res.accepted,
+            bandwidth / self.config.bandwidth_hz,
+            res.round_time_s,
+            new_request=res.request_done,
+            alpha_prior=self.sim.task_alpha_mean,
         )
         self.last_lengths, self.last_bandwidth, self.last_result = lengths, bandwidth, res
         summary = {

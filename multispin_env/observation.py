@@ -96,8 +96,9 @@ class UserHistory:
     of a truncated geometric. New requests restart from the task prior.
     """
 
-    def __init__(self, num_envs: int, num_users: int, decay: float = 0.8,
-                 prior_weight: float = 2.0) -> None:
+    def __init__(
+        self, num_envs: int, num_users: int, decay: float = 0.8, prior_weight: float = 2.0
+    ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay={decay} must be in (0, 1)")
         if prior_weight <= 0:
@@ -122,8 +123,9 @@ class UserHistory:
             arr[rows] = 0.0
         self.last_round_time_s[rows] = 0.0
 
-    def update(self, drafted, accepted, bandwidth_share, round_time_s, new_request=None,
-               alpha_prior=None) -> None:
+    def update(
+        self, drafted, accepted, bandwidth_share, round_time_s, new_request=None, alpha_prior=None
+    ) -> None:
         """Record one round. ``new_request`` marks users whose request just ended."""
         drafted = np.asarray(drafted, dtype=np.float64)
         accepted = np.asarray(accepted, dtype=np.float64)
@@ -150,8 +152,15 @@ class UserHistory:
         """A copy holding only the given environments (for partial observations)."""
         view = UserHistory.__new__(UserHistory)
         view.decay, view.prior_weight = self.decay, self.prior_weight
-        for name in ("successes", "trials", "accept_frac", "last_drafted", "last_accepted",
-                     "prev_share", "last_round_time_s"):
+        for name in (
+            "successes",
+            "trials",
+            "accept_frac",
+            "last_drafted",
+            "last_accepted",
+            "prev_share",
+            "last_round_time_s",
+        ):
             setattr(view, name, getattr(self, name)[rows])
         return view
 
@@ -160,8 +169,15 @@ class UserHistory:
         return self.successes / np.maximum(self.trials, 1e-12)
 
 
-def build_observation(spec: ObservationSpec, history: UserHistory, spectral_eff_est,
-                      t_draft_s, alpha_prior, horizon_frac, alpha_true=None) -> np.ndarray:
+def build_observation(
+    spec: ObservationSpec,
+    history: UserHistory,
+    spectral_eff_est,
+    t_draft_s,
+    alpha_prior,
+    horizon_frac,
+    alpha_true=None,
+) -> np.ndarray:
     """Observation array ``(N, spec.size)`` from server-side quantities ``(N, K)``.
 
     K (active users) may be below ``spec.max_users``; the remaining slots are zero.

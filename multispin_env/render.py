@@ -8,13 +8,17 @@ import numpy as np
 def ansi_table(episodes, i: int) -> str:
     """Per-user table of the last round of env ``i``."""
     sim, res = episodes.sim, episodes.last_result
-    lines = [f"{episodes.config.name}  t = {episodes.elapsed_s[i]:.3f} s  "
-             f"rounds = {episodes.episode_rounds[i]}"]
+    lines = [
+        f"{episodes.config.name}  t = {episodes.elapsed_s[i]:.3f} s  "
+        f"rounds = {episodes.episode_rounds[i]}"
+    ]
     if res is None:
         return lines[0] + "  (no round played yet)\n"
     share = episodes.last_bandwidth[i] / episodes.config.bandwidth_hz
-    lines.append(f"{'user':>4} {'r^ b/s/Hz':>9} {'T^S ms':>7} {'L':>3} {'share':>6} "
-                 f"{'acc':>4} {'draft ms':>8} {'upload ms':>9}")
+    lines.append(
+        f"{'user':>4} {'r^ b/s/Hz':>9} {'T^S ms':>7} {'L':>3} {'share':>6} "
+        f"{'acc':>4} {'draft ms':>8} {'upload ms':>9}"
+    )
     for k in range(sim.num_users):
         mark = "*" if k == res.straggler[i] else " "
         lines.append(
@@ -45,8 +49,12 @@ def rgb_array(episodes, i: int) -> np.ndarray:
     lengths = episodes.last_lengths[i]
     share = episodes.last_bandwidth[i] / episodes.config.bandwidth_hz
     accepted = res.accepted[i] if res is not None else np.zeros(k)
-    for ax, values, label in zip(axes, (lengths, share, accepted),
-                                 ("draft length", "bandwidth share", "accepted"), strict=True):
+    for ax, values, label in zip(
+        axes,
+        (lengths, share, accepted),
+        ("draft length", "bandwidth share", "accepted"),
+        strict=True,
+    ):
         ax.bar(users, values, color="tab:blue")
         ax.set_ylabel(label)
     axes[-1].set_xlabel("user")

@@ -69,8 +69,9 @@ class RoundUniforms:
     numpy's per-call overhead, not arithmetic, is what a step costs.
     """
 
-    def __init__(self, num_envs: int, num_users: int, streams: tuple[int, ...],
-                 block: int = 64) -> None:
+    def __init__(
+        self, num_envs: int, num_users: int, streams: tuple[int, ...], block: int = 64
+    ) -> None:
         self.streams = tuple(streams)
         self._slot = {s: i for i, s in enumerate(self.streams)}
         self.block, self.num_users = block, num_users

@@ -59,8 +59,7 @@ class MultiSpinVectorEnv(VectorEnv):
     def episodes(self) -> BatchedEpisodes:
         return self._episodes
 
-    def reset(self, *, seed: int | list[int | None] | None = None,
-              options: dict | None = None):
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         if seed is None:
             seeds = [None] * self.num_envs
         elif isinstance(seed, (int, np.integer)):
@@ -103,8 +102,9 @@ def make_vector_env(num_envs: int = 8, **kwargs) -> MultiSpinVectorEnv:
     return MultiSpinVectorEnv(num_envs=num_envs, **kwargs)
 
 
-def make_sb3_vec_env(env_id_or_scenario: str = "paper-llama2", num_envs: int = 8,
-                     seed: int | None = None, **kwargs):
+def make_sb3_vec_env(
+    env_id_or_scenario: str = "paper-llama2", num_envs: int = 8, seed: int | None = None, **kwargs
+):
     """An SB3 ``VecEnv`` running ``num_envs`` envs natively batched.
 
     ``env_id_or_scenario`` is a registered id (``multispin/PaperLlama2-v0``) or a preset
@@ -120,8 +120,9 @@ def make_sb3_vec_env(env_id_or_scenario: str = "paper-llama2", num_envs: int = 8
     class _Adapter(VecEnv):
         def __init__(self) -> None:
             self.venv = MultiSpinVectorEnv(num_envs=num_envs, scenario=scenario, **base_kwargs)
-            super().__init__(num_envs, self.venv.single_observation_space,
-                             self.venv.single_action_space)
+            super().__init__(
+                num_envs, self.venv.single_observation_space, self.venv.single_action_space
+            )
             self._seed = seed
             self._actions = None
             self.render_mode = None
@@ -139,10 +140,11 @@ def make_sb3_vec_env(env_id_or_scenario: str = "paper-llama2", num_envs: int = 8
             obs, rewards, terminated, truncated, info = self.venv.step(self._actions)
             dones = terminated | truncated
             infos = [
-                {"goodput_tokens_per_s": float(info["goodput_tokens_per_s"][i]),
-                 "episode_goodput_tokens_per_s":
-                     float(info["episode_goodput_tokens_per_s"][i]),
-                 "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+                {
+                    "goodput_tokens_per_s": float(info["goodput_tokens_per_s"][i]),
+                    "episode_goodput_tokens_per_s": float(info["episode_goodput_tokens_per_s"][i]),
+                    "TimeLimit.truncated": bool(truncated[i] and not terminated[i]),
+                }
                 for i in range(self.num_envs)
             ]
             for i in np.flatnonzero(dones):

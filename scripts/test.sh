@@ -6,4 +6,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MPLBACKEND=Agg
 ruff check .
+ruff format --check .
 python -m pytest -q "$@"
