@@ -17,6 +17,10 @@ _SUBCOMMANDS = {
     "reproduce": ("multispin_eval.reproduce", "reproduce the paper's Fig. 6-8"),
     "bench-solvers": ("multispin_eval.bench_solvers", "solver latency and optimality benchmark"),
     "calibrate-paper": ("multispin_eval.calibrate_paper", "back-solve p_k and T^S of the presets"),
+    "train": ("multispin_train.train", "train an SB3 agent on a registered env"),
+    "evaluate": ("multispin_eval.compare", "compare trained and baseline policies"),
+    "sweep": ("multispin_train.sweep", "Optuna hyperparameter sweep (RDB storage)"),
+    "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
 }
 
 

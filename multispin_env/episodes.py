@@ -30,6 +30,23 @@ REWARD_COMPONENTS = ("tokens", "time", "energy")
 
 
 @dataclass(frozen=True)
+class ServerView:
+    """Per-env ``(N, K)`` inputs a controller may use. ``oracle_*`` fields are the hidden
+    truth: only oracle baselines read them, never a deployable policy."""
+
+    spectral_eff_est: np.ndarray
+    t_draft_s: np.ndarray
+    alpha_prior: np.ndarray
+    alpha_hat: np.ndarray
+    payload_bits: float
+    bandwidth_hz: float
+    max_draft_length: int
+    verification: object
+    oracle_alpha: np.ndarray
+    oracle_spectral_eff: np.ndarray
+
+
+@dataclass(frozen=True)
 class EnvOptions:
     """Env-level options (scenario physics live in ScenarioConfig).
 
@@ -169,10 +186,30 @@ class BatchedEpisodes:
             alpha_true=sim.alpha[rows] if self.options.observe_true_alpha else None,
         )
 
+    def server_view(self) -> ServerView:
+        """What the edge server knows before deciding (plus the hidden truth, for oracles)."""
+        sim = self.sim
+        return ServerView(
+            spectral_eff_est=sim.spectral_eff_estimate,
+            t_draft_s=sim.t_draft_s,
+            alpha_prior=sim.task_alpha_mean,
+            alpha_hat=self.history.alpha_hat,
+            payload_bits=float(self.config.payload_bits),
+            bandwidth_hz=self.config.bandwidth_hz,
+            max_draft_length=self.config.max_draft_length,
+            verification=self.config.verification_model,
+            oracle_alpha=sim.alpha,
+            oracle_spectral_eff=sim.spectral_eff,
+        )
+
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, dict]:
         """Play one round everywhere. Returns (reward, truncated, per-env round summary)."""
         lengths, bandwidth = self.codec.decode(actions, self.context())
-        res = self.sim.step(lengths, bandwidth, validate=False)
+        return self.step_allocation(lengths, bandwidth, validate=False)
+
+    def step_allocation(self, lengths, bandwidth, validate: bool = True):
+        """Play one round with an allocation given directly (baselines, live replays)."""
+        res = self.sim.step(lengths, bandwidth, validate=validate)
         horizon = self.options.horizon_s
         # share of the round inside the horizon (elapsed < horizon before every step)
         inside = np.minimum((horizon - self.elapsed_s) / res.round_time_s, 1.0)

@@ -59,6 +59,11 @@ class MultiSpinVectorEnv(VectorEnv):
     def episodes(self) -> BatchedEpisodes:
         return self._episodes
 
+    def set_reward_weights(self, weights: dict[str, float]) -> None:
+        """Change reward component weights mid-training (e.g. an adaptive time price)."""
+        EnvOptions.build(self.config, reward_weights=weights)  # validates the names
+        self._episodes.weights = dict(weights)
+
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         if seed is None:
             seeds = [None] * self.num_envs
@@ -139,10 +144,15 @@ def make_sb3_vec_env(
         def step_wait(self):
             obs, rewards, terminated, truncated, info = self.venv.step(self._actions)
             dones = terminated | truncated
+            share = info["bandwidth_hz"] / self.venv.config.bandwidth_hz
             infos = [
                 {
                     "goodput_tokens_per_s": float(info["goodput_tokens_per_s"][i]),
                     "episode_goodput_tokens_per_s": float(info["episode_goodput_tokens_per_s"][i]),
+                    "tokens": float(info["tokens"][i]),
+                    "round_time_s": float(info["round_time_s"][i]),
+                    "draft_lengths": info["draft_lengths"][i],
+                    "bandwidth_share": share[i],
                     "TimeLimit.truncated": bool(truncated[i] and not terminated[i]),
                 }
                 for i in range(self.num_envs)

@@ -1,0 +1,85 @@
+"""Deployable controllers: the paper's solvers run on what a server knows, every round.
+
+A policy maps a :class:`~multispin_env.episodes.ServerView` (arrays ``(N, K)`` over N
+deployments) to an allocation ``(lengths, bandwidth_hz)``. The solvers assume a verification
+latency that does not depend on draft length; under a token-aware verifier the policy runs
+a short fixed point: solve with T^ver(K, L), re-evaluate T^ver at the longest chosen draft,
+re-solve (``verification_iterations`` times), and keep the decision the verification model
+scores best.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from multispin_agents.solvers import SOLVERS, evaluate_goodput
+
+ALPHA_SOURCES = ("prior", "history", "oracle")
+
+
+@dataclass
+class SolverPolicy:
+    """One of the paper's schemes as a per-round controller.
+
+    Attributes:
+        scheme: "fixed", "uni_bw", "homo" or "hete".
+        alpha_source: "prior" (offline task means: what the paper assumes), "history"
+            (the server's EWMA estimate), or "oracle" (the hidden true rate; an upper bound,
+            not deployable).
+        oracle_csi: use the true channel instead of the server's estimate (oracle only).
+        verification_iterations: fixed-point rounds for token-aware verification.
+    """
+
+    scheme: str = "hete"
+    alpha_source: str = "prior"
+    oracle_csi: bool = False
+    verification_iterations: int = 2
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SOLVERS:
+            raise ValueError(f"scheme={self.scheme!r}; choose one of {sorted(SOLVERS)}")
+        if self.alpha_source not in ALPHA_SOURCES:
+            raise ValueError(f"alpha_source={self.alpha_source!r}; choose one of {ALPHA_SOURCES}")
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.alpha_source == "prior" else f"[{self.alpha_source}]"
+        return f"{self.scheme}{suffix}" + ("[csi-oracle]" if self.oracle_csi else "")
+
+    def act(self, view) -> tuple[np.ndarray, np.ndarray]:
+        alpha = {"prior": view.alpha_prior, "history": view.alpha_hat, "oracle": view.oracle_alpha}[
+            self.alpha_source
+        ]
+        alpha = np.clip(alpha, 1e-3, 1 - 1e-6)
+        r = view.oracle_spectral_eff if self.oracle_csi else view.spectral_eff_est
+        n, k = r.shape
+        lengths = np.zeros((n, k), dtype=np.int64)
+        bandwidth = np.zeros((n, k))
+        solver = SOLVERS[self.scheme]
+        l_max, q, b = view.max_draft_length, view.payload_bits, view.bandwidth_hz
+        for i in range(n):
+            best, best_val, guess = None, -np.inf, 4
+            for _ in range(max(1, self.verification_iterations)):
+                t_ver = view.verification.latency_for_batch_s(k, guess)
+                alloc = solver(alpha[i], view.t_draft_s[i], r[i], q, b, t_ver, l_max)
+                true_t_ver = view.verification.latency_for_batch_s(
+                    k, int(alloc.draft_lengths.max())
+                )
+                val = evaluate_goodput(
+                    alpha[i],
+                    view.t_draft_s[i],
+                    r[i],
+                    q,
+                    alloc.draft_lengths,
+                    alloc.bandwidth_hz,
+                    true_t_ver,
+                )
+                if val > best_val:
+                    best, best_val = alloc, val
+                if int(alloc.draft_lengths.max()) == guess:
+                    break
+                guess = int(alloc.draft_lengths.max())
+            lengths[i], bandwidth[i] = best.draft_lengths, best.bandwidth_hz
+        return lengths, bandwidth

@@ -1,0 +1,187 @@
+"""Compare learned and heuristic policies on the same scenario and seeds.
+
+    multispin evaluate --env multispin/RealisticLlama2-v0 \\
+        --policies fixed uni_bw homo hete "hete[history]" runs/realistic-ppo --seeds 32
+
+A policy is a scheme name (``fixed``, ``uni_bw``, ``homo``, ``hete``), optionally with the
+acceptance source in brackets (``hete[history]``: the server's EWMA estimate;
+``hete[oracle]``: the hidden true rate, an upper bound that is not deployable), or a
+training run directory (``label=path`` to name it). Writes ``compare.csv``, ``compare.md``
+and ``compare.png`` to ``--out``; goodput is normalised to Hete-Multi-SPIN fed with the
+offline task means and the last CSI (the paper's controller as deployed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from multispin_agents.policies import SolverPolicy
+from multispin_env.episodes import split_kwargs
+from multispin_eval.harness import LearnedController, SolverController, run_episodes
+
+EVAL_SEED_START = 2_000_000  # disjoint from training (seed + 0..) and its eval (seed + 1e6)
+_SPEC = re.compile(r"^(fixed|uni_bw|homo|hete)(?:\[(prior|history|oracle)\])?$")
+
+
+def make_controller(spec: str):
+    label, _, target = spec.rpartition("=")
+    match = _SPEC.match(target)
+    if match:
+        ctrl = SolverController(SolverPolicy(match.group(1), match.group(2) or "prior"))
+    elif Path(target).is_dir():
+        ctrl = LearnedController(target)
+    else:
+        raise ValueError(
+            f"policy {target!r} is neither a scheme (fixed, uni_bw, homo, hete, optionally "
+            "with [prior|history|oracle]) nor a training run directory"
+        )
+    if label:
+        ctrl.name = label
+    return ctrl
+
+
+def compare(
+    env_id: str,
+    specs: list[str],
+    seeds: list[int],
+    env_kwargs: dict | None = None,
+    horizon_s: float | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Rows of summary metrics, one per policy, plus ``vs_hete`` (goodput ratio)."""
+    controllers = [make_controller(s) for s in specs]
+    _, scenario = split_kwargs(dict(env_kwargs or {}))
+    for ctrl in controllers:
+        if isinstance(ctrl, LearnedController):
+            _, trained_on = split_kwargs(ctrl.env_kwargs)
+            if trained_on != scenario or ctrl.env_id != env_id:
+                raise ValueError(
+                    f"policy {ctrl.name!r} was trained on {ctrl.env_id} with scenario overrides "
+                    f"{trained_on}, but the comparison runs {env_id} with {scenario}; pass the "
+                    "same --env and --env-kwargs so every policy faces the same deployment"
+                )
+    if not any(getattr(c, "name", "") == "hete" for c in controllers):
+        controllers.insert(0, make_controller("hete"))
+    rows = []
+    for ctrl in tqdm(controllers, desc="evaluating policies", disable=not progress):
+        metrics = run_episodes(ctrl, env_id, seeds, horizon_s=horizon_s, env_kwargs=env_kwargs)
+        rows.append({"policy": ctrl.name, **metrics.summary(), "_goodput": metrics.goodput})
+    ref = next(r for r in rows if r["policy"] == "hete")
+    for r in rows:
+        r["vs_hete"] = r["goodput"] / ref["goodput"]
+        # paired ratio over seeds (common random numbers): its CI is much tighter
+        paired = r.pop("_goodput") / ref["_goodput"] if r is not ref else None
+        r["vs_hete_ci95"] = (
+            float(1.96 * paired.std(ddof=1) / np.sqrt(len(paired)))
+            if paired is not None and len(paired) > 1
+            else 0.0
+        )
+    ref.pop("_goodput", None)
+    return rows
+
+
+COLUMNS = [
+    ("policy", "policy", "{}"),
+    ("goodput", "goodput tok/s", "{:.1f}"),
+    ("goodput_ci95", "±95% CI", "{:.1f}"),
+    ("vs_hete", "vs Hete", "{:.3f}"),
+    ("vs_hete_ci95", "±95% CI (paired)", "{:.3f}"),
+    ("jain", "Jain", "{:.3f}"),
+    ("draft_frac", "draft", "{:.2f}"),
+    ("upload_frac", "upload", "{:.2f}"),
+    ("verify_frac", "verify", "{:.2f}"),
+    ("round_ms", "round ms", "{:.0f}"),
+    ("draft_length", "mean L", "{:.2f}"),
+    ("energy_j_per_token", "J/token", "{:.3g}"),
+]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c[0] for c in COLUMNS])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k, _, _ in COLUMNS} for r in rows)
+    (out / "compare.md").write_text(f"{title}\n\n{to_markdown(rows)}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    names = [r["policy"] for r in rows]
+    ax.barh(
+        names,
+        [r["goodput"] for r in rows],
+        xerr=[r["goodput_ci95"] for r in rows],
+        color=["tab:orange" if not _SPEC.match(n.split("=")[-1]) else "tab:blue" for n in names],
+    )
+    ax.axvline(
+        next(r["goodput"] for r in rows if r["policy"] == "hete"), color="k", lw=0.8, ls="--"
+    )
+    ax.set_xlabel("episode goodput (tokens/s)")
+    ax.invert_yaxis()
+    left = np.zeros(len(rows))
+    for key, color in (
+        ("draft_frac", "tab:green"),
+        ("upload_frac", "tab:red"),
+        ("verify_frac", "tab:purple"),
+    ):
+        vals = np.array([r[key] for r in rows])
+        ax2.barh(names, vals, left=left, color=color, label=key.replace("_frac", ""))
+        left += vals
+    ax2.set_xlabel("share of round time (straggler's draft / upload, verify)")
+    ax2.invert_yaxis()
+    ax2.legend(loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    from multispin_train.hyperparams import parse_cli_kwargs
+
+    p = argparse.ArgumentParser(prog="multispin evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--env", default="multispin/PaperLlama2-v0")
+    p.add_argument("--policies", nargs="+", default=["fixed", "uni_bw", "homo", "hete"])
+    p.add_argument("--seeds", type=int, default=32, help="number of held-out episodes")
+    p.add_argument("--seed-start", type=int, default=EVAL_SEED_START)
+    p.add_argument(
+        "--env-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY:VALUE",
+        help="scenario overrides applied to every policy",
+    )
+    p.add_argument("--horizon-s", type=float)
+    p.add_argument("--out", default="results/compare")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    seeds = list(range(a.seed_start, a.seed_start + a.seeds))
+    rows = compare(
+        a.env, a.policies, seeds, parse_cli_kwargs(a.env_kwargs), a.horizon_s, a.progress
+    )
+    title = f"{a.env}: {a.seeds} held-out episodes (seeds {seeds[0]}..{seeds[-1]})"
+    write_outputs(rows, Path(a.out), title)
+    print(title)
+    print(to_markdown(rows))
+    print(f"wrote {a.out}/compare.csv, compare.md, compare.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

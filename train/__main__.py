@@ -1,0 +1,3 @@
+from multispin_train.train import main
+
+main()

@@ -1,0 +1,99 @@
+"""TensorBoard logging of what matters here: goodput, and what the policy allocates.
+
+Keys are namespaced as in CleanRL: ``goodput/`` (episode goodput and its share of the paper
+controller's), ``policy/`` (mean draft length and bandwidth share per user slot), and SB3's
+own ``rollout/``, ``train/``, ``eval/``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+
+
+class GoodputCallback(BaseCallback):
+    """Aggregates per-step infos of the multispin SB3 VecEnv and logs them per rollout.
+
+    Args:
+        reference_goodput: goodput (tokens/s) of the paper's controller on the same
+            scenario, used for ``goodput/share_of_reference``; None to skip.
+        log_users: number of user slots whose draft length / share are logged.
+    """
+
+    def __init__(self, reference_goodput: float | None = None, log_users: int = 4) -> None:
+        super().__init__()
+        self.reference_goodput = reference_goodput
+        self.log_users = log_users
+        self._episodes: list[float] = []
+        self._lengths: list[np.ndarray] = []
+        self._shares: list[np.ndarray] = []
+        self._round_goodput: list[float] = []
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", []):
+            self._round_goodput.append(info["goodput_tokens_per_s"])
+            self._lengths.append(info["draft_lengths"])
+            self._shares.append(info["bandwidth_share"])
+            if "terminal_observation" in info:
+                self._episodes.append(info["episode_goodput_tokens_per_s"])
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self._round_goodput:
+            self.logger.record("goodput/round_tokens_per_s", float(np.mean(self._round_goodput)))
+        if self._episodes:
+            mean = float(np.mean(self._episodes))
+            self.logger.record("goodput/episode_tokens_per_s", mean)
+            if self.reference_goodput:
+                self.logger.record("goodput/share_of_reference", mean / self.reference_goodput)
+        if self._lengths:
+            lengths = np.asarray(self._lengths, dtype=np.float64)
+            shares = np.asarray(self._shares)
+            self.logger.record("policy/draft_length_mean", float(lengths.mean()))
+            self.logger.record("policy/draft_length_spread", float(lengths.std(axis=1).mean()))
+            for k in range(min(self.log_users, lengths.shape[1])):
+                self.logger.record(f"policy/draft_length_user{k}", float(lengths[:, k].mean()))
+                self.logger.record(f"policy/bandwidth_share_user{k}", float(shares[:, k].mean()))
+        self._episodes.clear()
+        self._lengths.clear()
+        self._shares.clear()
+        self._round_goodput.clear()
+
+
+class RatePriceCallback(BaseCallback):
+    """Average-reward training for a semi-Markov problem: reward = tokens - rho * time.
+
+    A round's value is the tokens it commits minus the time it takes, priced at rho tokens/s.
+    When rho equals the best achievable goodput, maximising this per round is exactly
+    goodput-optimal (Dinkelbach's method for ratio objectives), and the signal is immediate,
+    so a short discount suffices. rho starts at ``initial_rate`` (the paper controller's
+    goodput) and follows the long-run goodput the policy achieves (total tokens / total time
+    of each rollout), smoothed by ``smoothing``.
+    """
+
+    def __init__(self, initial_rate: float, num_users: int, smoothing: float = 0.2) -> None:
+        super().__init__()
+        self.rate, self.num_users, self.smoothing = float(initial_rate), num_users, smoothing
+        self._tokens = 0.0
+        self._time = 0.0
+
+    def _apply(self) -> None:
+        weights = {"tokens": 1.0, "time": self.rate / self.num_users}
+        self.training_env.env_method("set_reward_weights", weights, indices=0)
+
+    def _on_training_start(self) -> None:
+        self._apply()
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", []):
+            self._tokens += info["tokens"]
+            self._time += info["round_time_s"]
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self._time > 0:
+            measured = self._tokens / self._time
+            self.rate = (1 - self.smoothing) * self.rate + self.smoothing * measured
+            self.logger.record("goodput/rate_price_tokens_per_s", self.rate)
+            self._apply()
+        self._tokens = self._time = 0.0

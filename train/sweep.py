@@ -1,0 +1,156 @@
+"""Hyperparameter sweeps (seeds x scenarios x hyperparameters) on Optuna with RDB storage.
+
+    # one machine (SQLite file):
+    multispin sweep --study ppo-lengths --trials 20 --timesteps 100000 \\
+        --envs multispin/PaperLlama2-v0 multispin/RealisticLlama2-v0 --seeds 0 1 \\
+        --env-kwargs action_mode:lengths
+    # several machines: start the same command on each, pointing at one database
+    multispin sweep --study ppo-lengths --storage postgresql://user:pw@dbhost/optuna ...
+
+Optuna coordinates the workers through the database (each trial is claimed by one worker;
+TPE proposes from all finished trials), so nothing here schedules processes. A trial trains
+one model per (env, seed), scores each by its goodput relative to Hete-Multi-SPIN on
+held-out seeds, and reports the mean; after each (env, seed) it reports the running mean so
+the median pruner can stop hopeless trials early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def sample_hyperparams(trial) -> tuple[dict, dict]:
+    """(PPO hyperparameter overrides, env option overrides) for one trial."""
+    n_steps = trial.suggest_categorical("n_steps", [32, 64, 128, 256])
+    params = {
+        "learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-3, log=True),
+        "gamma": trial.suggest_categorical("gamma", [0.5, 0.8, 0.9, 0.95, 0.99]),
+        "n_steps": n_steps,
+        "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024]),
+        "n_epochs": trial.suggest_int("n_epochs", 3, 15),
+        "ent_coef": trial.suggest_float("ent_coef", 1e-6, 1e-2, log=True),
+        "policy_kwargs": {
+            "hidden": trial.suggest_categorical("hidden", [32, 64, 128]),
+            "log_std_init": trial.suggest_float("log_std_init", -2.5, -0.5),
+            "action_bias": trial.suggest_float("action_bias", -0.8, 0.0),
+        },
+    }
+    env = {"history_decay": trial.suggest_float("history_decay", 0.5, 0.95)}
+    return params, env
+
+
+def run_study(
+    study_name: str,
+    storage: str,
+    envs: list[str],
+    seeds: list[int],
+    trials: int,
+    timesteps: int,
+    env_kwargs: dict,
+    out_dir: str,
+    eval_episodes: int = 8,
+    sampler_seed: int | None = None,
+):
+    import optuna
+
+    from multispin_eval.compare import EVAL_SEED_START, compare
+    from multispin_train.train import TrainConfig, train
+
+    def objective(trial) -> float:
+        params, env_overrides = sample_hyperparams(trial)
+        scores = []
+        for i, (env_id, seed) in enumerate((e, s) for e in envs for s in seeds):
+            run_dir = (
+                Path(out_dir)
+                / study_name
+                / f"trial{trial.number}"
+                / (f"{env_id.split('/')[-1]}_s{seed}")
+            )
+            cfg = TrainConfig(
+                env_id=env_id,
+                seed=seed,
+                timesteps=timesteps,
+                env_kwargs={**env_kwargs, **env_overrides},
+                hyperparams=params,
+                run_dir=str(run_dir),
+                eval_freq=0,
+                checkpoint_freq=0,
+                progress_bar=False,
+                name=f"trial{trial.number}",
+            )
+            train(cfg)
+            eval_seeds = list(range(EVAL_SEED_START, EVAL_SEED_START + eval_episodes))
+            rows = compare(
+                env_id,
+                ["hete", f"learned={run_dir}"],
+                eval_seeds,
+                env_kwargs=cfg.env_kwargs,
+                progress=False,
+            )
+            scores.append(next(r["vs_hete"] for r in rows if r["policy"] == "learned"))
+            trial.report(float(np.mean(scores)), i)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return float(np.mean(scores))
+
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
+    )
+    study.set_user_attr("envs", envs)
+    study.set_user_attr("seeds", seeds)
+    study.optimize(objective, n_trials=trials, show_progress_bar=True)
+    return study
+
+
+def main(argv=None):
+    from multispin_train.hyperparams import parse_cli_kwargs
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    p = argparse.ArgumentParser(prog="multispin sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--study", required=True, help="study name (shared by all workers)")
+    p.add_argument(
+        "--storage",
+        default="sqlite:///runs/sweeps.db",
+        help="Optuna RDB URL: sqlite:///file.db locally, postgresql://... shared",
+    )
+    p.add_argument("--envs", nargs="+", default=["multispin/PaperLlama2-v0"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--trials", type=int, default=10, help="trials run by this worker")
+    p.add_argument("--timesteps", type=int, default=100_000)
+    p.add_argument("--eval-episodes", type=int, default=8)
+    p.add_argument("--env-kwargs", nargs="*", default=["action_mode:lengths"])
+    p.add_argument("--out", default="runs/sweeps")
+    p.add_argument("--sampler-seed", type=int)
+    a = p.parse_args(argv)
+    if a.storage.startswith("sqlite:///"):
+        Path(a.storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    study = run_study(
+        a.study,
+        a.storage,
+        a.envs,
+        a.seeds,
+        a.trials,
+        a.timesteps,
+        parse_cli_kwargs(a.env_kwargs),
+        a.out,
+        a.eval_episodes,
+        a.sampler_seed,
+    )
+    done = [t for t in study.trials if t.value is not None]
+    if done:
+        print(f"best trial {study.best_trial.number}: goodput / Hete = {study.best_value:.3f}")
+        print(f"params: {study.best_params}")
+    return study
+
+
+if __name__ == "__main__":
+    main()
