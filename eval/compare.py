@@ -6,7 +6,8 @@
 A policy is a scheme name (``fixed``, ``uni_bw``, ``homo``, ``hete``), optionally with the
 acceptance source in brackets (``hete[history]``: the server's EWMA estimate;
 ``hete[oracle]``: the hidden true rate, an upper bound that is not deployable), or a
-training run directory (``label=path`` to name it). Writes ``compare.csv``, ``compare.md``
+training run directory (its ``model.zip``) or a model file inside one
+(``runs/x/best_model.zip``); ``label=path`` names it. Writes ``compare.csv``, ``compare.md``
 and ``compare.png`` to ``--out``; goodput is normalised to Hete-Multi-SPIN fed with the
 offline task means and the last CSI (the paper's controller as deployed).
 """
@@ -37,6 +38,8 @@ def make_controller(spec: str):
         ctrl = SolverController(SolverPolicy(match.group(1), match.group(2) or "prior"))
     elif Path(target).is_dir():
         ctrl = LearnedController(target)
+    elif target.endswith(".zip") and Path(target).is_file():  # a checkpoint inside a run dir
+        ctrl = LearnedController(Path(target).parent, Path(target).name)
     else:
         raise ValueError(
             f"policy {target!r} is neither a scheme (fixed, uni_bw, homo, hete, optionally "

@@ -1,9 +1,14 @@
-"""The ``multispin`` command: one entry point for demo, reproduction and benchmarks.
+"""The ``multispin`` command: one entry point for every job.
 
-multispin demo                 # short end-to-end demo on the built-in defaults
-multispin reproduce [...]      # paper Fig. 6-8 (python -m multispin_eval.reproduce)
-multispin bench-solvers [...]  # solver latency and optimality gap
-multispin calibrate-paper      # back-solve the preset's unstated constants
+    multispin demo                   # short end-to-end demo on the built-in defaults
+    multispin reproduce [...]        # paper Fig. 6-8 (python -m multispin_eval.reproduce)
+    multispin bench-solvers [...]    # solver latency and optimality gap
+    multispin bench-env [...]        # env steps/s, scalar vs batched
+    multispin calibrate-paper        # back-solve the presets' unstated constants
+    multispin train [...]            # SB3 training (python -m multispin_train)
+    multispin evaluate [...]         # learned vs heuristic policies: tables and plots
+    multispin sweep [...]            # Optuna sweep over seeds x scenarios x hyperparameters
+    multispin experiment paper|realistic   # one command per headline result
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ _SUBCOMMANDS = {
     "train": ("multispin_train.train", "train an SB3 agent on a registered env"),
     "evaluate": ("multispin_eval.compare", "compare trained and baseline policies"),
     "sweep": ("multispin_train.sweep", "Optuna hyperparameter sweep (RDB storage)"),
+    "experiment": ("multispin_train.experiments", "headline experiments: paper | realistic"),
     "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
 }
 

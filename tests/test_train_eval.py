@@ -102,6 +102,8 @@ def test_train_checkpoint_resume_and_evaluate(tmp_path, capsys):
     assert config["env_kwargs"] == {"action_mode": "lengths", "num_users": 6}
     assert config["reference_hete_goodput"] > 0 and config["train_time_s"] > 0
     assert list((run / "tb").rglob("events.out.tfevents*"))
+    progress = (run / "eval_progress.csv").read_text().splitlines()
+    assert progress[0] == "timesteps,wall_s,eval_goodput_tokens_per_s" and len(progress) >= 3
     ckpt = run / "checkpoints" / "rl_model_256_steps.zip"
     assert ckpt.is_file()
     resumed = tmp_path / "resumed"
@@ -181,6 +183,49 @@ def test_evaluate_refuses_a_policy_trained_on_another_scenario(tmp_path):
     )
     with pytest.raises(ValueError, match="same deployment"):
         evaluate_main(["--policies", str(run), "--seeds", "1", "--out", str(tmp_path)])
+
+
+def test_sweep_runs_trials_on_rdb_storage(tmp_path):
+    import optuna
+
+    from multispin_train.sweep import main as sweep_main
+
+    storage = f"sqlite:///{tmp_path / 'sweeps.db'}"
+    args = [
+        "--study",
+        "smoke",
+        "--storage",
+        storage,
+        "--trials",
+        "2",
+        "--timesteps",
+        "128",
+        "--eval-episodes",
+        "2",
+        "--env-kwargs",
+        "action_mode:lengths",
+        "num_users:3",
+        "--out",
+        str(tmp_path / "runs"),
+        "--sampler-seed",
+        "0",
+    ]
+    sweep_main(args)
+    sweep_main(args[:5] + ["1"] + args[6:])  # a second worker joins the same study
+    study = optuna.load_study(study_name="smoke", storage=storage)
+    assert len(study.trials) == 3
+    assert all(0.0 < t.value < 2.0 for t in study.trials)
+
+
+def test_time_to_target_reads_eval_progress(tmp_path):
+    from multispin_train.experiments import time_to_target
+
+    path = tmp_path / "p.csv"
+    path.write_text(
+        "timesteps,wall_s,eval_goodput_tokens_per_s\n100,5.0,90\n200,9.5,143.4\n300,14.0,150\n"
+    )
+    assert time_to_target(path, 143.0) == (9.5, 200)
+    assert time_to_target(path, 151.0) == (None, None)
 
 
 def test_evaluate_rejects_unknown_policy(tmp_path):

@@ -60,6 +60,38 @@ class GoodputCallback(BaseCallback):
         self._round_goodput.clear()
 
 
+class EvalProgressLogger(BaseCallback):
+    """Run after each EvalCallback evaluation: append (env steps, wall seconds, goodput) to a
+    CSV, so the time to reach a goodput level can be read off afterwards.
+
+    Args:
+        path: CSV file to write.
+        tokens_scale: eval return -> goodput factor (K / horizon_s for the tokens reward).
+    """
+
+    def __init__(self, path, tokens_scale: float) -> None:
+        super().__init__()
+        self.path, self.tokens_scale = path, tokens_scale
+        self._start = None
+
+    def _on_training_start(self) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        with open(self.path, "w") as f:
+            f.write("timesteps,wall_s,eval_goodput_tokens_per_s\n")
+
+    def _on_step(self) -> bool:
+        import time
+
+        if self._start is None:  # called from EvalCallback before training start hooks ran
+            self._on_training_start()
+        goodput = self.parent.last_mean_reward * self.tokens_scale
+        with open(self.path, "a") as f:
+            f.write(f"{self.num_timesteps},{time.perf_counter() - self._start:.1f},{goodput:.3f}\n")
+        return True
+
+
 class RatePriceCallback(BaseCallback):
     """Average-reward training for a semi-Markov problem: reward = tokens - rho * time.
 

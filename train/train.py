@@ -119,8 +119,9 @@ def train(cfg: TrainConfig) -> Path:
     from stable_baselines3.common.vec_env import VecNormalize
 
     from multispin_agents.policies import SolverPolicy
+    from multispin_env.episodes import EnvOptions
     from multispin_eval.harness import SolverController, run_episodes, scenario_for
-    from multispin_train.callbacks import GoodputCallback, RatePriceCallback
+    from multispin_train.callbacks import EvalProgressLogger, GoodputCallback, RatePriceCallback
     from multispin_train.hyperparams import load_hyperparams, split_hyperparams
 
     torch.set_num_threads(cfg.torch_threads)
@@ -178,10 +179,13 @@ def train(cfg: TrainConfig) -> Path:
         )
         reference = float(ref.goodput.mean())
     callbacks = [GoodputCallback(reference_goodput=reference)]
+    scenario, env_options = scenario_for(cfg.env_id, cfg.env_kwargs)
+    num_users = scenario.num_users
+    # eval return (tokens per user inside the horizon) -> goodput in tokens/s
+    scale = num_users / EnvOptions.build(scenario, **env_options).horizon_s
     if cfg.rate_reward:
         if reference is None:
             raise ValueError("rate_reward needs the reference controller (drop --no-reference)")
-        num_users = scenario_for(cfg.env_id, cfg.env_kwargs)[0].num_users
         callbacks.append(RatePriceCallback(initial_rate=reference, num_users=num_users))
     if cfg.eval_freq > 0:
         eval_env = build_vec_env(cfg, cfg.eval_episodes, eval_seeds[0], normalize, training=False)
@@ -194,6 +198,7 @@ def train(cfg: TrainConfig) -> Path:
                 log_path=str(run_dir / "eval"),
                 deterministic=True,
                 verbose=0,
+                callback_after_eval=EvalProgressLogger(run_dir / "eval_progress.csv", scale),
             )
         )
     if cfg.checkpoint_freq > 0:
