@@ -1,14 +1,14 @@
 """The ``multispin`` command: one entry point for every job.
 
-    multispin demo                   # short end-to-end demo on the built-in defaults
-    multispin reproduce [...]        # paper Fig. 6-8 (python -m multispin_eval.reproduce)
-    multispin bench-solvers [...]    # solver latency and optimality gap
-    multispin bench-env [...]        # env steps/s, scalar vs batched
-    multispin calibrate-paper        # back-solve the presets' unstated constants
-    multispin train [...]            # SB3 training (python -m multispin_train)
-    multispin evaluate [...]         # learned vs heuristic policies: tables and plots
-    multispin sweep [...]            # Optuna sweep over seeds x scenarios x hyperparameters
-    multispin experiment paper|realistic   # one command per headline result
+multispin demo                   # short end-to-end demo on the built-in defaults
+multispin reproduce [...]        # paper Fig. 6-8 (python -m multispin_eval.reproduce)
+multispin bench-solvers [...]    # solver latency and optimality gap
+multispin bench-env [...]        # env steps/s, scalar vs batched
+multispin calibrate-paper        # back-solve the presets' unstated constants
+multispin train [...]            # SB3 training (python -m multispin_train)
+multispin evaluate [...]         # learned vs heuristic policies: tables and plots
+multispin sweep [...]            # Optuna sweep over seeds x scenarios x hyperparameters
+multispin experiment paper|realistic   # one command per headline result
 """
 
 from __future__ import annotations

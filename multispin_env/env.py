@@ -43,8 +43,9 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
       or ``Discrete(L_max)``; bandwidth by Lemma 1.
 
     ## Observation space
-    ``Box(0, high, (K_max * F + 3,), float32)`` with F = 10 per-user features (11 with
-    ``observe_true_alpha``): active flag, channel estimate, drafting speed, equal-share
+    ``Box(0, high, (K_max * F + 3,), float32)`` with F = 11 per-user features (12 with
+    ``observe_true_alpha``): active flag, channel estimate and its running average, drafting
+    speed, equal-share
     upload time, task-prior acceptance, acceptance estimated from history, EWMA of
     accepted/drafted, last drafted, last accepted, last bandwidth share; plus 3 globals
     (active fraction, last round time, elapsed fraction of the horizon). Names and order:

@@ -145,7 +145,11 @@ class BatchedEpisodes:
 
     def reset(self, keys: np.ndarray, env_ids: np.ndarray) -> None:
         self.sim.reset(keys, env_ids=env_ids)
-        self.history.reset(self.sim.task_alpha_mean[env_ids], rows=env_ids)
+        self.history.reset(
+            self.sim.task_alpha_mean[env_ids],
+            rows=env_ids,
+            spectral_eff_est=self.sim.spectral_eff_estimate[env_ids],
+        )
         self.elapsed_s[env_ids] = 0.0
         self.episode_tokens[env_ids] = 0.0
         self.episode_rounds[env_ids] = 0
@@ -209,6 +213,7 @@ class BatchedEpisodes:
 
     def step_allocation(self, lengths, bandwidth, validate: bool = True):
         """Play one round with an allocation given directly (baselines, live replays)."""
+        r_decided = self.sim.spectral_eff_estimate  # replaced by the next round's in step()
         res = self.sim.step(lengths, bandwidth, validate=validate)
         horizon = self.options.horizon_s
         # share of the round inside the horizon (elapsed < horizon before every step)
@@ -232,6 +237,7 @@ class BatchedEpisodes:
             res.round_time_s,
             new_request=res.request_done,
             alpha_prior=self.sim.task_alpha_mean,
+            spectral_eff_est=r_decided,
         )
         self.last_lengths, self.last_bandwidth, self.last_result = lengths, bandwidth, res
         summary = {

@@ -9,6 +9,9 @@ Layout (float32, all finite, ``K_max`` user slots; empty slots are all zeros):
 per user slot k (``USER_FEATURES``, in this order)
     active            1 if a user occupies the slot
     spectral_eff      server's channel estimate r^_k / 10 bit/s/Hz, clipped to [0, 4]
+    spectral_eff_avg  EWMA of past estimates (the user's typical channel) / 10, in [0, 4]:
+                      next to the current estimate it tells a deep fade, where a noisy
+                      estimate is least reliable, from a weak user
     t_draft           drafting latency per token T^S_k / t_ref_s, clipped to [0, 4]
     upload_equal      per-token upload time at an equal bandwidth share / t_ref_s, in [0, 10]
     alpha_prior       offline acceptance estimate of the user's task category
@@ -33,6 +36,7 @@ import numpy as np
 USER_FEATURES = (
     "active",
     "spectral_eff",
+    "spectral_eff_avg",
     "t_draft",
     "upload_equal",
     "alpha_prior",
@@ -43,7 +47,13 @@ USER_FEATURES = (
     "prev_share",
 )
 GLOBAL_FEATURES = ("active_frac", "last_round_time", "horizon_frac")
-_UPPER = {"spectral_eff": 4.0, "t_draft": 4.0, "upload_equal": 10.0, "prev_share": 10.0}
+_UPPER = {
+    "spectral_eff": 4.0,
+    "spectral_eff_avg": 4.0,
+    "t_draft": 4.0,
+    "upload_equal": 10.0,
+    "prev_share": 10.0,
+}
 _R_REF = 10.0  # bit/s/Hz
 
 
@@ -111,11 +121,18 @@ class UserHistory:
         self.last_drafted = np.zeros(shape)
         self.last_accepted = np.zeros(shape)
         self.prev_share = np.zeros(shape)
+        self.spectral_eff_avg = np.zeros(shape)
         self.last_round_time_s = np.zeros(num_envs)
 
-    def reset(self, alpha_prior: np.ndarray, rows: np.ndarray | None = None) -> None:
+    def reset(
+        self,
+        alpha_prior: np.ndarray,
+        rows: np.ndarray | None = None,
+        spectral_eff_est: np.ndarray | None = None,
+    ) -> None:
         """Forget everything for the given rows (default all) and start from the prior."""
         rows = slice(None) if rows is None else rows
+        self.spectral_eff_avg[rows] = 0.0 if spectral_eff_est is None else spectral_eff_est
         self.successes[rows] = alpha_prior * self.prior_weight
         self.trials[rows] = self.prior_weight
         self.accept_frac[rows] = alpha_prior
@@ -124,9 +141,19 @@ class UserHistory:
         self.last_round_time_s[rows] = 0.0
 
     def update(
-        self, drafted, accepted, bandwidth_share, round_time_s, new_request=None, alpha_prior=None
+        self,
+        drafted,
+        accepted,
+        bandwidth_share,
+        round_time_s,
+        new_request=None,
+        alpha_prior=None,
+        spectral_eff_est=None,
     ) -> None:
-        """Record one round. ``new_request`` marks users whose request just ended."""
+        """Record one round. ``new_request`` marks users whose request just ended;
+        ``spectral_eff_est`` is the channel estimate the round was decided on."""
+        if spectral_eff_est is not None:
+            self.spectral_eff_avg = 0.9 * self.spectral_eff_avg + 0.1 * spectral_eff_est
         drafted = np.asarray(drafted, dtype=np.float64)
         accepted = np.asarray(accepted, dtype=np.float64)
         d = self.decay
@@ -159,6 +186,7 @@ class UserHistory:
             "last_drafted",
             "last_accepted",
             "prev_share",
+            "spectral_eff_avg",
             "last_round_time_s",
         ):
             setattr(view, name, getattr(self, name)[rows])
@@ -194,18 +222,19 @@ def build_observation(
     per_user = out[:, : spec.max_users * n_feat].reshape(n, spec.max_users, n_feat)[:, :k]
     per_user[..., 0] = 1.0
     np.minimum(r_hat / _R_REF, 4.0, out=per_user[..., 1], casting="unsafe")
-    np.minimum(np.asarray(t_draft_s) / t_ref, 4.0, out=per_user[..., 2], casting="unsafe")
-    np.minimum(upload_equal, 10.0, out=per_user[..., 3], casting="unsafe")
-    per_user[..., 4] = alpha_prior
-    per_user[..., 5] = history.alpha_hat
-    per_user[..., 6] = history.accept_frac
-    per_user[..., 7] = history.last_drafted / l_max
-    per_user[..., 8] = history.last_accepted / l_max
-    np.minimum(history.prev_share * k, 10.0, out=per_user[..., 9], casting="unsafe")
+    np.minimum(history.spectral_eff_avg / _R_REF, 4.0, out=per_user[..., 2], casting="unsafe")
+    np.minimum(np.asarray(t_draft_s) / t_ref, 4.0, out=per_user[..., 3], casting="unsafe")
+    np.minimum(upload_equal, 10.0, out=per_user[..., 4], casting="unsafe")
+    per_user[..., 5] = alpha_prior
+    per_user[..., 6] = history.alpha_hat
+    per_user[..., 7] = history.accept_frac
+    per_user[..., 8] = history.last_drafted / l_max
+    per_user[..., 9] = history.last_accepted / l_max
+    np.minimum(history.prev_share * k, 10.0, out=per_user[..., 10], casting="unsafe")
     if spec.observe_true_alpha:
         if alpha_true is None:
             raise ValueError("observe_true_alpha is set but alpha_true was not given")
-        per_user[..., 10] = alpha_true
+        per_user[..., 11] = alpha_true
     glob = out[:, spec.max_users * n_feat :]
     glob[:, 0] = k / spec.max_users
     glob[:, 1] = np.minimum(history.last_round_time_s / (l_max * t_ref), 10.0)

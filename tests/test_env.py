@@ -13,8 +13,10 @@ from gymnasium.utils.env_checker import check_env
 import multispin_env
 from multispin_env.action_codec import MODES, ActionCodec, DecisionContext
 from multispin_env.allocation import latency_equalising_bandwidth
+from multispin_env.observation import USER_FEATURES
 from multispin_env.vector_env import MultiSpinVectorEnv, make_sb3_vec_env
 
+F = len(USER_FEATURES)  # per-user features in an observation
 CORE = (
     "allocation",
     "config",
@@ -55,7 +57,7 @@ def test_gymnasium_and_sb3_checkers_pass(env_id):
 def test_make_with_overrides_and_clear_errors():
     env = gym.make("multispin/PaperQwen35-v0", num_users=8, bandwidth_hz=5e6, horizon_s=3.0)
     assert env.unwrapped.config.num_users == 8 and env.unwrapped.config.bandwidth_hz == 5e6
-    assert env.observation_space.shape == (8 * 10 + 3,)
+    assert env.observation_space.shape == (8 * F + 3,)
     with pytest.raises(ValueError, match="did you mean 'bandwidth_hz'"):
         gym.make("multispin/PaperLlama2-v0", bandwith_hz=1e6)
     with pytest.raises(ValueError, match="did you mean 'horizon_s'"):
@@ -184,7 +186,7 @@ def test_sb3_vec_env_adapter_autoresets_like_sb3():
 def test_padded_user_slots_are_zero_and_ignored():
     env = gym.make("multispin/PaperLlama2-v0", num_users=6, max_users=10).unwrapped
     obs, _ = env.reset(seed=0)
-    f = 10
+    f = F
     per_user = obs[: 10 * f].reshape(10, f)
     assert np.all(per_user[6:] == 0) and np.all(per_user[:6, 0] == 1)
     a = _typical_action(env.codec, 6)[0]
@@ -208,13 +210,13 @@ def test_true_alpha_hidden_unless_asked_and_history_estimates_it():
     for t in range(600):
         obs, *_ = env.step(action)
         if t >= 50:
-            estimates.append(obs[: 20 * 10].reshape(20, 10)[:, column])
+            estimates.append(obs[: 20 * F].reshape(20, F)[:, column])
     # the EWMA estimate is noisy (a few rounds of memory) but centred on the true rate
     np.testing.assert_allclose(np.mean(estimates, axis=0), env.simulator.alpha[0], atol=0.04)
     told = gym.make("multispin/PaperLlama2Dynamic-v0", observe_true_alpha=True).unwrapped
     obs, _ = told.reset(seed=0)
-    per_user = obs[: 20 * 11].reshape(20, 11)
-    np.testing.assert_allclose(per_user[:, 10], told.simulator.alpha[0], rtol=1e-6)
+    per_user = obs[: 20 * (F + 1)].reshape(20, F + 1)
+    np.testing.assert_allclose(per_user[:, F], told.simulator.alpha[0], rtol=1e-6)
 
 
 def test_observation_within_bounds_over_random_play():
