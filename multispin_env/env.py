@@ -21,6 +21,22 @@ def resolve_scenario(scenario: str | ScenarioConfig, overrides: dict) -> Scenari
     raise TypeError("scenario must be a preset name or a ScenarioConfig")
 
 
+def build_episodes(scenario, kwargs: dict, num_envs: int) -> tuple[BatchedEpisodes, spaces.Box]:
+    """The shared construction of the scalar and batched envs: validated scenario and
+    options, the episode runner, and the single-env observation space."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("max_episode_steps", None) is not None:
+        raise ValueError(
+            "max_episode_steps is not supported here: episodes end after horizon_s simulated "
+            "seconds (so every episode weighs the same time); set horizon_s instead"
+        )
+    env_kwargs, scenario_kwargs = split_kwargs(kwargs)
+    config = resolve_scenario(scenario, scenario_kwargs)
+    episodes = BatchedEpisodes(config, EnvOptions.build(config, **env_kwargs), num_envs)
+    low, high = episodes.spec.bounds()
+    return episodes, spaces.Box(low, high, dtype=np.float32)
+
+
 class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
     """Every round, choose each user's draft length and uplink bandwidth share.
 
@@ -90,18 +106,14 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
         render_mode: str | None = None,
         **kwargs: Any,
     ) -> None:
-        env_kwargs, scenario_kwargs = split_kwargs(kwargs)
-        self.config = resolve_scenario(scenario, scenario_kwargs)
-        self.options = EnvOptions.build(self.config, **env_kwargs)
+        self._episodes, self.observation_space = build_episodes(scenario, kwargs, num_envs=1)
+        self.config, self.options = self._episodes.config, self._episodes.options
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(
                 f"render_mode={render_mode!r}; choose one of {self.metadata['render_modes']}"
             )
         self.render_mode = render_mode
-        self._episodes = BatchedEpisodes(self.config, self.options, num_envs=1)
         self.action_space = self._episodes.codec.space
-        low, high = self._episodes.spec.bounds()
-        self.observation_space = spaces.Box(low, high, dtype=np.float32)
         self.feature_names = self._episodes.spec.feature_names
         self._ids = np.zeros(1, dtype=np.int64)
         self._needs_reset = True

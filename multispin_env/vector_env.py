@@ -17,14 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from gymnasium import spaces
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from multispin_env import rng as crng
-from multispin_env.env import MultiSpinEnv, resolve_scenario
-from multispin_env.episodes import BatchedEpisodes, EnvOptions, split_kwargs
+from multispin_env.env import MultiSpinEnv, build_episodes
+from multispin_env.episodes import BatchedEpisodes, EnvOptions
 
 
 class MultiSpinVectorEnv(VectorEnv):
@@ -39,15 +38,10 @@ class MultiSpinVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 8, scenario="paper-llama2", **kwargs: Any) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs={num_envs!r} must be an integer >= 1")
-        env_kwargs, scenario_kwargs = split_kwargs(kwargs)
-        kwargs.pop("max_episode_steps", None)
-        self.config = resolve_scenario(scenario, scenario_kwargs)
-        self.options = EnvOptions.build(self.config, **env_kwargs)
+        self._episodes, self.single_observation_space = build_episodes(scenario, kwargs, num_envs)
+        self.config, self.options = self._episodes.config, self._episodes.options
         self.num_envs = num_envs
-        self._episodes = BatchedEpisodes(self.config, self.options, num_envs)
         self.single_action_space = self._episodes.codec.space
-        low, high = self._episodes.spec.bounds()
-        self.single_observation_space = spaces.Box(low, high, dtype=np.float32)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.feature_names = self._episodes.spec.feature_names

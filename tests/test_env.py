@@ -62,6 +62,13 @@ def test_make_with_overrides_and_clear_errors():
         gym.make("multispin/PaperLlama2-v0", bandwith_hz=1e6)
     with pytest.raises(ValueError, match="did you mean 'horizon_s'"):
         gym.make("multispin/PaperLlama2-v0", horizon=3)
+    with pytest.raises(ValueError, match="set horizon_s instead"):
+        gym.make_vec(
+            "multispin/PaperLlama2-v0",
+            num_envs=2,
+            max_episode_steps=10,
+            vectorization_mode="vector_entry_point",
+        )
     with pytest.raises(ValueError, match="action mode"):
         gym.make("multispin/PaperLlama2-v0", action_mode="joint")
     with pytest.raises(ValueError, match="max_users"):
