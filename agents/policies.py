@@ -46,7 +46,9 @@ class SolverPolicy:
     @property
     def name(self) -> str:
         suffix = "" if self.alpha_source == "prior" else f"[{self.alpha_source}]"
-        return f"{self.scheme}{suffix}" + ("[csi-oracle]" if self.oracle_csi else "")
+        if self.oracle_csi:
+            suffix = f"[{self.alpha_source},csi]"
+        return f"{self.scheme}{suffix}"
 
     def act(self, view) -> tuple[np.ndarray, np.ndarray]:
         alpha = {"prior": view.alpha_prior, "history": view.alpha_hat, "oracle": view.oracle_alpha}[

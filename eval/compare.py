@@ -5,7 +5,8 @@
 
 A policy is a scheme name (``fixed``, ``uni_bw``, ``homo``, ``hete``), optionally with the
 acceptance source in brackets (``hete[history]``: the server's EWMA estimate;
-``hete[oracle]``: the hidden true rate, an upper bound that is not deployable), or a
+``hete[oracle]``: the hidden true rate; ``hete[oracle,csi]``: true rate and true channel;
+both are upper bounds that cannot be deployed), or a
 training run directory (its ``model.zip``) or a model file inside one
 (``runs/x/best_model.zip``); ``label=path`` names it. Writes ``compare.csv``, ``compare.md``
 and ``compare.png`` to ``--out``; goodput is normalised to Hete-Multi-SPIN fed with the
@@ -28,14 +29,16 @@ from multispin_env.episodes import split_kwargs
 from multispin_eval.harness import LearnedController, SolverController, run_episodes
 
 EVAL_SEED_START = 2_000_000  # disjoint from training (seed + 0..) and its eval (seed + 1e6)
-_SPEC = re.compile(r"^(fixed|uni_bw|homo|hete)(?:\[(prior|history|oracle)\])?$")
+_SPEC = re.compile(r"^(fixed|uni_bw|homo|hete)(?:\[(prior|history|oracle)(,csi)?\])?$")
 
 
 def make_controller(spec: str):
     label, _, target = spec.rpartition("=")
     match = _SPEC.match(target)
     if match:
-        ctrl = SolverController(SolverPolicy(match.group(1), match.group(2) or "prior"))
+        ctrl = SolverController(
+            SolverPolicy(match.group(1), match.group(2) or "prior", oracle_csi=bool(match.group(3)))
+        )
     elif Path(target).is_dir():
         ctrl = LearnedController(target)
     elif target.endswith(".zip") and Path(target).is_file():  # a checkpoint inside a run dir

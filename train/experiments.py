@@ -34,7 +34,15 @@ EXPERIMENTS = {
         "env_kwargs": {"action_mode": "full"},
         "timesteps": 600_000,
         "target": 1.15,
-        "policies": ["fixed", "uni_bw", "homo", "hete", "hete[history]", "hete[oracle]"],
+        "policies": [
+            "fixed",
+            "uni_bw",
+            "homo",
+            "hete",
+            "hete[history]",
+            "hete[oracle]",
+            "hete[oracle,csi]",
+        ],
         "question": "learned policy >= 1.15 x Hete-Multi-SPIN fed the offline task means and "
         "the last CSI, and above every other baseline",
     },

@@ -1,0 +1,1 @@
+"""Live mode: real drafter/verifier models running Multi-SPIN rounds."""
