@@ -93,6 +93,7 @@ def run_experiment(
     out_root: str,
     run_root: str,
     algo: str = "ppo",
+    evaluate_only: bool = False,
 ) -> dict:
     from multispin_eval.compare import EVAL_SEED_START, compare, to_markdown, write_outputs
     from multispin_train.train import TrainConfig, train
@@ -111,7 +112,11 @@ def run_experiment(
         eval_episodes=16,
         name=f"learned ({algo})",
     )
-    train(cfg)
+    if evaluate_only:
+        if not (run_dir / "best_model.zip").is_file():
+            raise ValueError(f"--evaluate-only needs a finished run in {run_dir}")
+    else:
+        train(cfg)
     config = json.loads((run_dir / "config.json").read_text())
     reference = config["reference_hete_goodput"]
     wall, step = time_to_target(run_dir / "eval_progress.csv", spec["target"] * reference)
@@ -178,8 +183,15 @@ def main(argv=None) -> dict:
     p.add_argument("--algo", default="ppo", choices=["ppo", "a2c", "sac", "td3"])
     p.add_argument("--out", default="results/experiments")
     p.add_argument("--runs", default="runs/experiments")
+    p.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="skip training; re-evaluate the run already in --runs/<name>",
+    )
     a = p.parse_args(argv)
-    return run_experiment(a.name, a.timesteps, a.seed, a.eval_seeds, a.out, a.runs, a.algo)
+    return run_experiment(
+        a.name, a.timesteps, a.seed, a.eval_seeds, a.out, a.runs, a.algo, a.evaluate_only
+    )
 
 
 if __name__ == "__main__":
