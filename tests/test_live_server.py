@@ -1,0 +1,232 @@
+"""Live edge server and devices over real TCP (loopback), with tiny random models."""
+
+import asyncio
+import copy
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from multispin_env.live import protocol as proto
+from multispin_env.live.device import DeviceConfig, run_device
+from multispin_env.live.gpt import GPT, GPTConfig
+from multispin_env.live.scheduler import OnlineVerificationModel, make_scheduler
+from multispin_env.live.server import EdgeServer, LiveConfig
+from multispin_env.live.speculative import verifier_greedy_reference
+
+VOCAB = 48
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(1)
+    verifier = GPT(GPTConfig(vocab_size=VOCAB, n_positions=512, n_layer=2, n_embd=32, n_head=4))
+    with torch.no_grad():
+        for p in verifier.parameters():
+            p.mul_(6.0)
+    drafter = copy.deepcopy(verifier)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(0.4 * p.std() * torch.randn_like(p))
+    return drafter.eval(), verifier.eval()
+
+
+def _server(verifier, **kw):
+    cfg = LiveConfig(max_users=4, greedy=True, kept_vocab=16, max_draft_length=6, **kw)
+    return EdgeServer(cfg, verifier, make_scheduler(kw.pop("scheduler", "hete")), VOCAB)
+
+
+def _device(device_id, prompt, port, **kw):
+    return DeviceConfig(
+        device_id,
+        prompt,
+        port=port,
+        greedy=True,
+        kept_vocab=16,
+        time_scale=kw.pop("time_scale", 0.0),
+        **kw,
+    )
+
+
+def _check_outputs(server, verifier, prompts):
+    for device_id, prompt in prompts.items():
+        out = server.verifier.outputs[device_id]
+        assert out == verifier_greedy_reference(verifier, prompt, len(out))
+
+
+def test_live_rounds_equal_verifier_greedy_and_devices_agree(pair):
+    drafter, verifier = pair
+
+    async def scenario():
+        server = _server(verifier, trace_path=None)
+        port = await server.start()
+        prompts = {"a": [1, 2, 3], "b": [5], "c": [7, 8, 9, 10]}
+        tasks = [
+            asyncio.create_task(
+                run_device(_device(d, p, port, speed_factor=1.0 + 0.5 * i), drafter=drafter)
+            )
+            for i, (d, p) in enumerate(prompts.items())
+        ]
+        await server.wait_for_users(3)
+        for _ in range(8):
+            await server.play_round()
+        await server.stop()
+        outputs = await asyncio.gather(*tasks)
+        for (device_id, _), out in zip(prompts.items(), outputs, strict=True):
+            assert out == server.verifier.outputs[device_id]  # device and server agree
+        _check_outputs(server, verifier, prompts)
+        summary = server.summary()
+        assert summary["rounds"] == 8 and summary["dropped_user_rounds"] == 0
+        assert summary["tokens"] >= 24 and summary["goodput_timeline_tokens_per_s"] > 0
+        rec = server.records[-1]
+        assert rec.timeline_s == pytest.approx(
+            max(u["compute_s"] + u["upload_s"] for u in rec.users) + rec.verify_s
+        )
+        assert not server.protocol_errors
+
+    asyncio.run(scenario())
+
+
+async def _raw(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return reader, writer
+
+
+def test_bad_and_out_of_order_messages_are_rejected_and_not_applied(pair):
+    drafter, verifier = pair
+
+    async def scenario():
+        server = _server(verifier)
+        port = await server.start()
+        task = asyncio.create_task(run_device(_device("good", [1, 2], port), drafter=drafter))
+        reader, writer = await _raw(port)
+        await proto.send_message(
+            writer,
+            proto.message("hello", device_id="raw", prompt=[4], speed_factor=1.0, mean_gain=0.3),
+        )
+        assert (await proto.read_message(reader))["type"] == "welcome"
+        garbage = b"\xc1\xc1\xc1"
+        writer.write(struct.pack(">I", len(garbage)) + garbage)
+        foreign = msgpack.packb({"v": 99, "type": "draft"})
+        writer.write(struct.pack(">I", len(foreign)) + foreign)
+        await writer.drain()
+        errors = [await proto.read_message(reader) for _ in range(2)]
+        assert [e["code"] for e in errors] == ["bad_message", "bad_message"]
+        assert "version" in errors[1]["message"]
+        stale = proto.message(
+            "draft",
+            round=41,
+            tokens=[1],
+            q_indices=b"\0" * 4,
+            q_values=b"\0" * 2,
+            kept=1,
+            compute_s=0.0,
+            upload_s=0.0,
+        )
+        await proto.send_message(writer, stale)
+        err = await proto.read_message(reader)
+        assert err["code"] == "out_of_order"
+        await server.wait_for_users(2)
+        writer.close()  # the raw client never drafts: it must not stall the round
+        before = list(server.verifier.outputs["raw"])
+        await server.play_round()
+        assert server.verifier.outputs["raw"] == before  # nothing applied for it
+        assert len(server.verifier.outputs["good"]) >= 1
+        await server.stop()
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_disconnect_and_rejoin_lose_and_duplicate_nothing(pair):
+    drafter, verifier = pair
+
+    async def scenario():
+        server = _server(verifier)
+        port = await server.start()
+        prompts = {"x": [3, 1], "y": [9, 9, 2]}
+        keep = asyncio.create_task(run_device(_device("x", prompts["x"], port), drafter=drafter))
+        flaky = asyncio.create_task(run_device(_device("y", prompts["y"], port), drafter=drafter))
+        await server.wait_for_users(2)
+        for _ in range(4):
+            await server.play_round()
+        flaky.cancel()  # the device dies mid-run
+        await asyncio.sleep(0.05)
+        committed_before = list(server.verifier.outputs["y"])
+        for _ in range(3):
+            rec = await server.play_round()
+            assert [u["device_id"] for u in rec.users] == ["x"]
+        assert server.verifier.outputs["y"] == committed_before
+        rejoined = asyncio.create_task(
+            run_device(_device("y", prompts["y"], port, seed=5), drafter=drafter)
+        )
+        await server.wait_for_users(2)
+        for _ in range(4):
+            await server.play_round()
+        await server.stop()
+        _, out_y = await asyncio.gather(keep, rejoined)
+        assert out_y == server.verifier.outputs["y"]  # the rejoined device resumed exactly
+        assert len(out_y) > len(committed_before)
+        _check_outputs(server, verifier, prompts)
+
+    asyncio.run(scenario())
+
+
+def test_late_device_is_dropped_from_the_round(pair):
+    drafter, verifier = pair
+
+    async def scenario():
+        server = _server(verifier, round_timeout_s=0.3)
+        port = await server.start()
+        fast = asyncio.create_task(run_device(_device("fast", [1], port), drafter=drafter))
+        slow = asyncio.create_task(
+            run_device(_device("slow", [2], port, time_scale=1e5), drafter=drafter)
+        )  # huge uplink delay
+        await server.wait_for_users(2)
+        rec = await server.play_round()
+        assert rec.dropped == ["slow"]
+        assert server.verifier.outputs["slow"] == []
+        assert len(server.verifier.outputs["fast"]) >= 1
+        slow.cancel()
+        await server.stop()
+        await fast
+
+    asyncio.run(scenario())
+
+
+def test_protocol_validation_names_the_problem():
+    with pytest.raises(proto.ProtocolError, match="missing field 'kept'"):
+        proto.validate(
+            {
+                "v": 1,
+                "type": "draft",
+                "round": 1,
+                "tokens": [1],
+                "q_indices": b"",
+                "q_values": b"",
+                "compute_s": 0.0,
+                "upload_s": 0.0,
+            }
+        )
+    with pytest.raises(proto.ProtocolError, match="non-negative token ids"):
+        proto.message("hello", device_id="d", prompt=[-1], speed_factor=1.0, mean_gain=0.3)
+    with pytest.raises(proto.ProtocolError, match="must be finite"):
+        proto.message("round", round=0, draft_length=2, bandwidth_hz=float("nan"), spectral_eff=1.0)
+    with pytest.raises(proto.ProtocolError, match="unknown message type"):
+        proto.validate({"v": 1, "type": "shutdown"})
+    msg = proto.message("result", round=3, accepted=1, committed=[4, 5])
+    assert proto.decode(proto.encode(msg)[4:]) == msg
+
+
+def test_online_verification_fit_recovers_the_measured_law():
+    model = OnlineVerificationModel()
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        k, length = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        model.observe(k, length, 0.004 + 0.0003 * k * (length + 1))
+    # a ridge towards the CPU prior (3 pseudo-observations against 200 measurements)
+    assert model.t_fix_s == pytest.approx(0.004, rel=0.1)
+    assert model.t_token_s == pytest.approx(0.0003, rel=0.05)
+    assert model.latency_for_batch_s(8, 7) == pytest.approx(0.004 + 0.0003 * 64, rel=0.03)
