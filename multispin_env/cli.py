@@ -9,6 +9,7 @@ multispin train [...]            # SB3 training (python -m multispin_train)
 multispin evaluate [...]         # learned vs heuristic policies: tables and plots
 multispin sweep [...]            # Optuna sweep over seeds x scenarios x hyperparameters
 multispin experiment paper|realistic   # one command per headline result
+multispin live --users 8 --scheduler hete --rounds 50   # real models over TCP
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _SUBCOMMANDS = {
     "evaluate": ("multispin_eval.compare", "compare trained and baseline policies"),
     "sweep": ("multispin_train.sweep", "Optuna hyperparameter sweep (RDB storage)"),
     "experiment": ("multispin_train.experiments", "headline experiments: paper | realistic"),
+    "live": ("multispin_env.live.cli", "edge server + device processes with real models"),
     "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
 }
 

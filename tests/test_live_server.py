@@ -230,3 +230,67 @@ def test_online_verification_fit_recovers_the_measured_law():
     assert model.t_fix_s == pytest.approx(0.004, rel=0.1)
     assert model.t_token_s == pytest.approx(0.0003, rel=0.05)
     assert model.latency_for_batch_s(8, 7) == pytest.approx(0.004 + 0.0003 * 64, rel=0.03)
+
+
+def test_device_process_killed_mid_run(pair, tmp_path):
+    """Real device processes over TCP; one is SIGKILLed mid-run. The run goes on and every
+    user's committed tokens stay intact (greedy mode: equal to the verifier's own output)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    drafter, verifier = pair
+    drafter.save(tmp_path / "pair" / "drafter")
+
+    async def scenario():
+        server = _server(verifier, round_timeout_s=20.0)
+        port = await server.start()
+        prompts = {"dev-0": [1, 2], "dev-1": [4, 4, 4], "dev-2": [8]}
+        procs = {
+            d: subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "multispin_env.live.device",
+                    "--port",
+                    str(port),
+                    "--device-id",
+                    d,
+                    "--prompt",
+                    ",".join(map(str, p)),
+                    "--greedy",
+                    "--kept-vocab",
+                    "16",
+                    "--time-scale",
+                    "0",
+                    "--model",
+                    str(tmp_path / "pair"),
+                ],
+                env=dict(os.environ, OMP_NUM_THREADS="1"),
+            )
+            for d, p in prompts.items()
+        }
+        try:
+            await server.wait_for_users(3, timeout_s=120)
+            for _ in range(4):
+                await server.play_round()
+            procs["dev-1"].send_signal(signal.SIGKILL)
+            procs["dev-1"].wait()
+            frozen = list(server.verifier.outputs["dev-1"])
+            for _ in range(4):
+                rec = await server.play_round()
+            assert {u["device_id"] for u in rec.users} == {"dev-0", "dev-2"}
+            assert server.verifier.outputs["dev-1"] == frozen
+            assert len(server.records) == 8
+        finally:
+            await server.stop()
+            for p in procs.values():
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        _check_outputs(server, verifier, prompts)
+        assert procs["dev-0"].returncode == 0 and procs["dev-2"].returncode == 0
+
+    asyncio.run(scenario())

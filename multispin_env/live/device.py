@@ -57,12 +57,12 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
     """Serve rounds until the server says bye or closes; returns the committed tokens."""
     import torch
 
-    from multispin_env.live.models import load_pair
+    from multispin_env.live.models import load_drafter
     from multispin_env.live.speculative import DecodingConfig, DrafterSession
 
     torch.set_num_threads(1)
     if drafter is None:
-        drafter = load_pair(cfg.model_dir).drafter
+        drafter = load_drafter(cfg.model_dir)
     decoding = DecodingConfig(
         greedy=cfg.greedy, temperature=cfg.temperature, kept_vocab=cfg.kept_vocab
     )

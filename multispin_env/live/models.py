@@ -56,6 +56,15 @@ def verify_manifest(folder: Path) -> dict:
     return manifest
 
 
+def load_drafter(folder: str | Path | None = None) -> GPT:
+    """Only the drafter of a pair (what a device needs), manifest checked."""
+    folder = Path(folder) if folder is not None else default_pair_dir()
+    if not folder.is_dir():
+        raise ValueError(f"model pair folder {folder} does not exist")
+    verify_manifest(folder)
+    return GPT.load(folder / "drafter")
+
+
 def load_pair(folder: str | Path | None = None) -> Pair:
     """Drafter, verifier and tokenizer from ``folder`` (default: the built-in pair)."""
     from tokenizers import Tokenizer
