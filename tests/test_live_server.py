@@ -1,17 +1,14 @@
 """Live edge server and devices over real TCP (loopback), with tiny random models."""
 
 import asyncio
-import copy
 import struct
 
 import msgpack
 import numpy as np
 import pytest
-import torch
 
 from multispin_env.live import protocol as proto
 from multispin_env.live.device import DeviceConfig, run_device
-from multispin_env.live.gpt import GPT, GPTConfig
 from multispin_env.live.scheduler import OnlineVerificationModel, make_scheduler
 from multispin_env.live.server import EdgeServer, LiveConfig
 from multispin_env.live.speculative import verifier_greedy_reference
@@ -21,16 +18,9 @@ VOCAB = 48
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(1)
-    verifier = GPT(GPTConfig(vocab_size=VOCAB, n_positions=512, n_layer=2, n_embd=32, n_head=4))
-    with torch.no_grad():
-        for p in verifier.parameters():
-            p.mul_(6.0)
-    drafter = copy.deepcopy(verifier)
-    with torch.no_grad():
-        for p in drafter.parameters():
-            p.add_(0.4 * p.std() * torch.randn_like(p))
-    return drafter.eval(), verifier.eval()
+    from conftest import make_tiny_pair
+
+    return make_tiny_pair(VOCAB, seed=1)
 
 
 def _server(verifier, **kw):
@@ -235,10 +225,10 @@ def test_online_verification_fit_recovers_the_measured_law():
 def test_device_process_killed_mid_run(pair, tmp_path):
     """Real device processes over TCP; one is SIGKILLed mid-run. The run goes on and every
     user's committed tokens stay intact (greedy mode: equal to the verifier's own output)."""
-    import os
     import signal
     import subprocess
-    import sys
+
+    from multispin_env.live.cli import spawn_device
 
     drafter, verifier = pair
     drafter.save(tmp_path / "pair" / "drafter")
@@ -248,26 +238,8 @@ def test_device_process_killed_mid_run(pair, tmp_path):
         port = await server.start()
         prompts = {"dev-0": [1, 2], "dev-1": [4, 4, 4], "dev-2": [8]}
         procs = {
-            d: subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "multispin_env.live.device",
-                    "--port",
-                    str(port),
-                    "--device-id",
-                    d,
-                    "--prompt",
-                    ",".join(map(str, p)),
-                    "--greedy",
-                    "--kept-vocab",
-                    "16",
-                    "--time-scale",
-                    "0",
-                    "--model",
-                    str(tmp_path / "pair"),
-                ],
-                env=dict(os.environ, OMP_NUM_THREADS="1"),
+            d: spawn_device(
+                port, d, p, greedy=True, kept_vocab=16, time_scale=0.0, model_dir=tmp_path / "pair"
             )
             for d, p in prompts.items()
         }

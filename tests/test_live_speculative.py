@@ -1,12 +1,10 @@
 """Live mode core: the cached batched forward and exact speculative decoding."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
-from multispin_env.live.gpt import GPT, GPTConfig
+from multispin_env.live.gpt import GPT
 from multispin_env.live.speculative import (
     DecodingConfig,
     Draft,
@@ -21,23 +19,8 @@ from multispin_env.live.speculative import (
 VOCAB = 48
 
 
-def _pair(seed=0, noise=0.4):
-    """A random verifier with peaked predictions and a drafter that is a noisy copy of it,
-    so that they agree often but not always."""
-    torch.manual_seed(seed)
-    verifier = GPT(GPTConfig(vocab_size=VOCAB, n_positions=256, n_layer=2, n_embd=32, n_head=4))
-    with torch.no_grad():
-        for p in verifier.parameters():
-            p.mul_(6.0)
-    drafter = copy.deepcopy(verifier)
-    with torch.no_grad():
-        for p in drafter.parameters():
-            p.add_(noise * p.std() * torch.randn_like(p))
-    return drafter.eval(), verifier.eval()
-
-
-def test_batched_cached_forward_equals_per_user_recompute():
-    _, model = _pair()
+def test_batched_cached_forward_equals_per_user_recompute(tiny_pair_factory):
+    _, model = tiny_pair_factory(VOCAB)
     rng = np.random.default_rng(0)
     seqs = [list(rng.integers(0, VOCAB, n)) for n in (9, 3, 17, 1 + 5)]
     splits = [6, 1, 10, 4]
@@ -48,10 +31,10 @@ def test_batched_cached_forward_equals_per_user_recompute():
         torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
 
 
-def test_weights_round_trip_and_load_in_transformers(tmp_path):
+def test_weights_round_trip_and_load_in_transformers(tmp_path, tiny_pair_factory):
     from transformers import GPT2LMHeadModel
 
-    _, model = _pair()
+    _, model = tiny_pair_factory(VOCAB)
     model.save(tmp_path / "m")
     ours = GPT.load(tmp_path / "m")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
@@ -63,8 +46,8 @@ def test_weights_round_trip_and_load_in_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("lengths", [[1, 3, 2], [4, 4, 4], [2, 1, 5]])
-def test_greedy_speculative_equals_verifier_greedy(lengths):
-    drafter, verifier = _pair(seed=1)
+def test_greedy_speculative_equals_verifier_greedy(lengths, tiny_pair_factory):
+    drafter, verifier = tiny_pair_factory(VOCAB, seed=1)
     cfg = DecodingConfig(greedy=True, kept_vocab=8)
     server = VerifierServer(verifier, cfg, np.random.default_rng(0))
     prompts = {0: [1, 2, 3], 1: [5], 2: [7, 8, 9, 10, 11, 12]}
@@ -125,8 +108,8 @@ def test_greedy_rule_and_truncated_payload():
     assert val.dtype == np.float16 and idx.shape == (2,)
 
 
-def test_end_to_end_sampling_acceptance_matches_sum_min_pq():
-    drafter, verifier = _pair(seed=2, noise=0.25)
+def test_end_to_end_sampling_acceptance_matches_sum_min_pq(tiny_pair_factory):
+    drafter, verifier = tiny_pair_factory(VOCAB, seed=2, noise=0.25)
     cfg = DecodingConfig(kept_vocab=VOCAB)
     server = VerifierServer(verifier, cfg, np.random.default_rng(0))
     device = DrafterSession(drafter, cfg, np.random.default_rng(1))

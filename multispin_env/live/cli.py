@@ -41,11 +41,17 @@ def spawn_device(
     port: int,
     device_id: str,
     prompt: list[int],
-    speed: float,
-    gain: float,
-    model_dir: str | None,
-    args,
+    *,
+    speed: float = 1.0,
+    gain: float = 0.35,
+    model_dir: str | None = None,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    kept_vocab: int = 1024,
+    seed: int = 0,
+    time_scale: float = 1.0,
 ) -> subprocess.Popen:
+    """Start one device process (``python -m multispin_env.live.device``) on loopback."""
     cmd = [
         sys.executable,
         "-m",
@@ -61,18 +67,21 @@ def spawn_device(
         "--mean-gain",
         f"{gain:.4f}",
         "--temperature",
-        str(args.temperature),
+        str(temperature),
         "--kept-vocab",
-        str(args.kept_vocab),
+        str(kept_vocab),
         "--seed",
-        str(args.seed + int(device_id.split("-")[-1])),
+        str(seed),
+        "--time-scale",
+        str(time_scale),
     ]
     if model_dir:
-        cmd += ["--model", model_dir]
-    if args.greedy:
+        cmd += ["--model", str(model_dir)]
+    if greedy:
         cmd.append("--greedy")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL
+    )
 
 
 async def run_live(args) -> dict:
