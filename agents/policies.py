@@ -51,6 +51,13 @@ class SolverPolicy:
         return f"{self.scheme}{suffix}"
 
     def act(self, view) -> tuple[np.ndarray, np.ndarray]:
+        if (self.alpha_source == "oracle" and view.oracle_alpha is None) or (
+            self.oracle_csi and view.oracle_spectral_eff is None
+        ):
+            raise ValueError(
+                f"{self.name} needs the hidden truth, which this view does not "
+                "have (live systems cannot know it); use alpha_source='history'"
+            )
         alpha = {"prior": view.alpha_prior, "history": view.alpha_hat, "oracle": view.oracle_alpha}[
             self.alpha_source
         ]

@@ -138,7 +138,9 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
             raise RuntimeError("call reset() before step() (and after an episode ends)")
         reward, truncated, summary = self._episodes.step(np.asarray(action)[None])
         obs = self._episodes.observe()[0]
-        info = {k: v[0].copy() for k, v in summary.items() if k != "reward_components"}
+        # every summary array is fresh per step (reset replaces, never overwrites, the
+        # state they came from), so views are safe to hand out
+        info = {k: v[0] for k, v in summary.items() if k != "reward_components"}
         info["reward_components"] = {
             c: float(x[0]) for c, x in summary["reward_components"].items()
         }

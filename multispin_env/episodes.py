@@ -42,8 +42,8 @@ class ServerView:
     bandwidth_hz: float
     max_draft_length: int
     verification: object
-    oracle_alpha: np.ndarray
-    oracle_spectral_eff: np.ndarray
+    oracle_alpha: np.ndarray | None  # None where the truth is unknown (live)
+    oracle_spectral_eff: np.ndarray | None
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,6 @@ class MultiSpinSimulator:
         self.spectral_eff = np.zeros(shape)
         self.spectral_eff_estimate = np.zeros(shape)
         self.remaining_tokens = np.full(shape, np.inf)
-        self._all_ids = np.arange(self.num_envs)
         round_streams = (crng.STREAM_ACCEPT, crng.STREAM_FADING_MAG)
         if config.csi_error_std > 0:
             round_streams += (crng.STREAM_FADING_PHASE, crng.STREAM_CSI_MAG, crng.STREAM_CSI_PHASE)

@@ -154,6 +154,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {t_max + n_max} tokens exceeds n_positions={self.cfg.n_positions}"
             )
+        dev = self.transformer.wte.weight.device
         ids = torch.zeros(b, n_max, dtype=torch.long)
         pos = torch.zeros(b, n_max, dtype=torch.long)
         mask = torch.zeros(b, 1, n_max, t_max + n_max, dtype=torch.bool)
@@ -163,11 +164,12 @@ class GPT(nn.Module):
             pos[r, : len(toks)] = torch.arange(t, t + len(toks))
             mask[r, 0, :, t_max - t : t_max] = True  # this row's own cache (left-padded)
             mask[r, 0, :, t_max:] = causal
+        ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
         x = self.transformer.wte(ids) + self.transformer.wpe(pos)
         new_caches: list[Cache] = [[] for _ in range(b)]
         for layer, block in enumerate(self.transformer.h):
-            past_k = torch.zeros(b, h, t_max, hd)
-            past_v = torch.zeros(b, h, t_max, hd)
+            past_k = torch.zeros(b, h, t_max, hd, device=dev)
+            past_v = torch.zeros(b, h, t_max, hd, device=dev)
             for r, c in enumerate(caches):
                 if c is not None and lens[r] > 0:
                     past_k[r, :, t_max - lens[r] :] = c[layer][0]
@@ -181,7 +183,7 @@ class GPT(nn.Module):
                     if old is None
                     else (torch.cat([old[0], kr], 1), torch.cat([old[1], vr], 1))
                 )
-        logits = self.transformer.ln_f(x) @ self.transformer.wte.weight.T
+        logits = (self.transformer.ln_f(x) @ self.transformer.wte.weight.T).float().cpu()
         return [logits[r, : counts[r]] for r in range(b)], new_caches
 
     # -- persistence ---------------------------------------------------------------------
@@ -199,7 +201,7 @@ class GPT(nn.Module):
         (folder / "config.json").write_text(json.dumps(self.cfg.to_hf(), indent=2))
 
     @staticmethod
-    def load(folder: str | Path) -> GPT:
+    def load(folder: str | Path, device: str = "cpu") -> GPT:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -217,7 +219,7 @@ class GPT(nn.Module):
                 f"{folder}: weights do not match the config (missing {missing}, "
                 f"unexpected {unexpected})"
             )
-        return model.eval()
+        return model.to(device).eval()
 
 
 def cache_crop(cache: Cache, length: int) -> Cache:

@@ -65,8 +65,9 @@ def load_drafter(folder: str | Path | None = None) -> GPT:
     return GPT.load(folder / "drafter")
 
 
-def load_pair(folder: str | Path | None = None) -> Pair:
-    """Drafter, verifier and tokenizer from ``folder`` (default: the built-in pair)."""
+def load_pair(folder: str | Path | None = None, device: str = "cpu") -> Pair:
+    """Drafter, verifier and tokenizer from ``folder`` (default: the built-in pair), with
+    the models on ``device`` ("cpu" or "cuda")."""
     from tokenizers import Tokenizer
 
     folder = Path(folder) if folder is not None else default_pair_dir()
@@ -78,7 +79,8 @@ def load_pair(folder: str | Path | None = None) -> Pair:
     manifest = verify_manifest(folder)
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder} has no tokenizer.json")
-    drafter, verifier = GPT.load(folder / "drafter"), GPT.load(folder / "verifier")
+    drafter = GPT.load(folder / "drafter", device)
+    verifier = GPT.load(folder / "verifier", device)
     if drafter.cfg.vocab_size != verifier.cfg.vocab_size:
         raise ValueError(
             f"{folder}: drafter and verifier vocabularies differ "
