@@ -120,10 +120,13 @@ async def run_live(args) -> dict:
                 port,
                 f"dev-{i}",
                 prompt,
-                rng.uniform(0.85, 1.15),
-                rng.uniform(0.2, 0.5),
-                args.model,
-                args,
+                speed=rng.uniform(0.85, 1.15),
+                gain=rng.uniform(0.2, 0.5),
+                model_dir=args.model,
+                greedy=args.greedy,
+                temperature=args.temperature,
+                kept_vocab=args.kept_vocab,
+                seed=args.seed + i,
             )
         )
     try:
@@ -148,7 +151,7 @@ async def run_live(args) -> dict:
                 p.kill()
     summary = server.summary() | {"scheduler": args.scheduler, "users": len(procs)}
     print(f"\n{'user':<8}{'speed':>6}{'tokens':>8}{'accept':>8}{'mean L':>8}{'drops':>6}")
-    for uid, user in sorted(server.users.items(), key=lambda kv: kv[1].slot):
+    for uid, user in sorted(server.users.items()):
         rows = [r for rec in server.records for r in rec.users if r["device_id"] == uid]
         served = [r for r in rows if "accepted" in r]
         drafted = sum(r["draft_length"] for r in served)

@@ -122,14 +122,17 @@ class EdgeServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Say bye to every device, let their connections end, then close the server."""
         for user in self.users.values():
             if user.writer is not None:
                 try:
                     await proto.send_message(user.writer, proto.message("bye"))
-                    user.writer.close()
                 except (ConnectionError, RuntimeError):
                     pass
+        deadline = time.perf_counter() + grace_s
+        while self.connected and time.perf_counter() < deadline:
+            await asyncio.sleep(0.02)  # devices close their side after bye
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -190,8 +193,8 @@ class EdgeServer:
                     break
                 else:
                     await self._reply_error(writer, "unexpected", f"{msg['type']} from a device")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the device left, or the server is shutting down
         except proto.ProtocolError as err:
             await self._reply_error(writer, "bad_message", str(err))
         finally:

@@ -1,0 +1,77 @@
+"""The committed demo pair: integrity, quality ordering, exact greedy speculative decoding."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from multispin_env.live.models import default_pair_dir, load_pair
+from multispin_env.live.speculative import (
+    DecodingConfig,
+    DrafterSession,
+    VerifierServer,
+    verifier_greedy_reference,
+)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_pair()
+
+
+def test_manifest_checks_and_verifier_is_the_better_model(pair):
+    manifest = pair.manifest
+    assert set(manifest["files"]) >= {
+        "tokenizer.json",
+        "drafter/model.safetensors",
+        "verifier/model.safetensors",
+    }
+    assert manifest["verifier"]["val_loss"] < manifest["drafter"]["val_loss"] - 0.2
+    assert manifest["verifier"]["parameters"] > 4 * manifest["drafter"]["parameters"]
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    assert total < 20 * 2**20  # fp16 weights stay small enough to commit
+    text = "def parse_args(argv):\n    parser = argparse."
+    assert pair.decode(pair.encode(text)) == text
+
+
+def test_corrupt_or_incomplete_pair_fails_at_load(tmp_path):
+    broken = tmp_path / "pair"
+    shutil.copytree(default_pair_dir(), broken)
+    weights = broken / "verifier" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt or was replaced"):
+        load_pair(broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        load_pair(broken)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_pair(tmp_path / "nowhere")
+    manifest = json.loads((default_pair_dir() / "MANIFEST.json").read_text())
+    assert "train_pair" in manifest["command"]
+
+
+def test_greedy_speculative_decoding_equals_verifier_greedy_on_real_models(pair):
+    cfg = DecodingConfig(greedy=True)
+    server = VerifierServer(pair.verifier, cfg, np.random.default_rng(0))
+    prompts = {
+        0: pair.encode("import os\nimport sys\n\n\ndef main("),
+        1: pair.encode("class Queue:\n    def __init__(self"),
+    }
+    devices = {}
+    for uid, prompt in prompts.items():
+        server.add_user(uid, prompt)
+        devices[uid] = DrafterSession(pair.drafter, cfg, np.random.default_rng(uid))
+        devices[uid].start(prompt)
+    accepted = drafted = 0
+    for r in range(10):
+        drafts = {u: d.propose(2 + (r + u) % 4) for u, d in devices.items()}
+        for u, (m, committed) in server.verify(drafts).items():
+            devices[u].commit(m, committed)
+            accepted, drafted = accepted + m, drafted + len(drafts[u].tokens)
+    assert 0.3 < accepted / drafted < 1.0  # a real pair: mostly but not always agreeing
+    for uid, prompt in prompts.items():
+        out = server.outputs[uid]
+        assert out == verifier_greedy_reference(pair.verifier, prompt, len(out))
