@@ -44,6 +44,9 @@ def main(argv=None) -> list[dict]:
             port=0,
             seed=0,
             trace=f"/tmp/bench_live_{users}.jsonl",
+            hf_drafter=None,
+            hf_verifier=None,
+            device="cpu",
         )
         summary = asyncio.run(run_live(args))
         records = [json.loads(line) for line in open(args.trace)]

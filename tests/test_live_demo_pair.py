@@ -75,3 +75,17 @@ def test_greedy_speculative_decoding_equals_verifier_greedy_on_real_models(pair)
     for uid, prompt in prompts.items():
         out = server.outputs[uid]
         assert out == verifier_greedy_reference(pair.verifier, prompt, len(out))
+
+
+def test_live_cli_smoke_with_device_processes(tmp_path, capsys):
+    from multispin_env.cli import main as cli
+
+    trace = tmp_path / "trace.jsonl"
+    cli(["live", "--users", "2", "--rounds", "3", "--trace", str(trace)])
+    out = capsys.readouterr().out
+    assert "goodput:" in out and "dev-1" in out
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(len(r["users"]) == 2 and r["verify_s"] > 0 for r in records)
+    summary = json.loads(trace.with_suffix(".summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["tokens"] >= 6

@@ -50,6 +50,8 @@ def spawn_device(
     kept_vocab: int = 1024,
     seed: int = 0,
     time_scale: float = 1.0,
+    hf_model: str | None = None,
+    device: str = "cpu",
 ) -> subprocess.Popen:
     """Start one device process (``python -m multispin_env.live.device``) on loopback."""
     cmd = [
@@ -77,6 +79,9 @@ def spawn_device(
     ]
     if model_dir:
         cmd += ["--model", str(model_dir)]
+    if hf_model:
+        cmd += ["--hf-model", str(hf_model)]
+    cmd += ["--device", device]
     if greedy:
         cmd.append("--greedy")
     return subprocess.Popen(
@@ -93,7 +98,19 @@ async def run_live(args) -> dict:
     from multispin_env.live.server import EdgeServer, LiveConfig, write_trace_header
 
     torch.set_num_threads(1)
-    pair = load_pair(args.model)
+    if args.hf_verifier:  # any pair of local Hugging Face causal LMs sharing a tokenizer
+        from types import SimpleNamespace
+
+        from multispin_env.live.hf import load_hf_pair
+
+        if not args.hf_drafter:
+            raise ValueError("--hf-verifier needs --hf-drafter too")
+        _, verifier, tok = load_hf_pair(args.hf_drafter, args.hf_verifier, device=args.device)
+        pair = SimpleNamespace(
+            verifier=verifier, encode=lambda t: tok(t)["input_ids"], decode=tok.decode
+        )
+    else:
+        pair = load_pair(args.model, device=args.device)
     if args.trace:
         write_trace_header(args.trace)
     cfg = LiveConfig(
@@ -127,6 +144,8 @@ async def run_live(args) -> dict:
                 temperature=args.temperature,
                 kept_vocab=args.kept_vocab,
                 seed=args.seed + i,
+                hf_model=args.hf_drafter,
+                device=args.device,
             )
         )
     try:
@@ -178,6 +197,9 @@ def main(argv=None) -> dict:
     p.add_argument("--scheduler", default="hete", choices=["fixed", "uni_bw", "homo", "hete"])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
+    p.add_argument("--hf-drafter", default=None, help="local Hugging Face drafter folder")
+    p.add_argument("--hf-verifier", default=None, help="local Hugging Face verifier folder")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     p.add_argument("--scenario", default="paper-llama2", help="preset for channel constants")
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -50,6 +50,8 @@ class DeviceConfig:
     seed: int = 0
     time_scale: float = 1.0
     prob_bits: int = 16
+    hf_model: str | None = None  # a local Hugging Face model folder instead of model_dir
+    device: str = "cpu"
     log: list = field(default_factory=list)
 
 
@@ -61,8 +63,12 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
     from multispin_env.live.speculative import DecodingConfig, DrafterSession
 
     torch.set_num_threads(1)
-    if drafter is None:
-        drafter = load_drafter(cfg.model_dir)
+    if drafter is None and cfg.hf_model:
+        from multispin_env.live.hf import load_hf_model
+
+        drafter = load_hf_model(cfg.hf_model, device=cfg.device)
+    elif drafter is None:
+        drafter = load_drafter(cfg.model_dir, device=cfg.device)
     decoding = DecodingConfig(
         greedy=cfg.greedy, temperature=cfg.temperature, kept_vocab=cfg.kept_vocab
     )
@@ -142,6 +148,8 @@ def main(argv=None) -> None:
     p.add_argument("--kept-vocab", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--hf-model", default=None, help="local Hugging Face drafter folder")
+    p.add_argument("--device", default="cpu", help="torch device for the drafter")
     a = p.parse_args(argv)
     cfg = DeviceConfig(
         device_id=a.device_id,
@@ -156,6 +164,8 @@ def main(argv=None) -> None:
         kept_vocab=a.kept_vocab,
         seed=a.seed,
         time_scale=a.time_scale,
+        hf_model=a.hf_model,
+        device=a.device,
     )
     asyncio.run(run_device(cfg))
 

@@ -56,13 +56,13 @@ def verify_manifest(folder: Path) -> dict:
     return manifest
 
 
-def load_drafter(folder: str | Path | None = None) -> GPT:
+def load_drafter(folder: str | Path | None = None, device: str = "cpu") -> GPT:
     """Only the drafter of a pair (what a device needs), manifest checked."""
     folder = Path(folder) if folder is not None else default_pair_dir()
     if not folder.is_dir():
         raise ValueError(f"model pair folder {folder} does not exist")
     verify_manifest(folder)
-    return GPT.load(folder / "drafter")
+    return GPT.load(folder / "drafter", device)
 
 
 def load_pair(folder: str | Path | None = None, device: str = "cpu") -> Pair:
