@@ -177,6 +177,13 @@ class UserHistory:
 
     def rows(self, rows: np.ndarray) -> UserHistory:
         """A copy holding only the given environments (for partial observations)."""
+        return self._select(lambda a: a[rows])
+
+    def columns(self, cols) -> UserHistory:
+        """A copy holding only the given user slots, in that order (live: connected users)."""
+        return self._select(lambda a: a[:, cols] if a.ndim == 2 else a)
+
+    def _select(self, pick) -> UserHistory:
         view = UserHistory.__new__(UserHistory)
         view.decay, view.prior_weight = self.decay, self.prior_weight
         for name in (
@@ -189,7 +196,7 @@ class UserHistory:
             "spectral_eff_avg",
             "last_round_time_s",
         ):
-            setattr(view, name, getattr(self, name)[rows])
+            setattr(view, name, pick(getattr(self, name)))
         return view
 
     @property

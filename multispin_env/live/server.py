@@ -35,7 +35,7 @@ from multispin_env.episodes import ServerView
 from multispin_env.live import protocol as proto
 from multispin_env.live.scheduler import OnlineVerificationModel
 from multispin_env.live.speculative import DecodingConfig, Draft, VerifierServer
-from multispin_env.observation import UserHistory
+from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.physics import spectral_efficiency
 
 
@@ -54,6 +54,8 @@ class LiveConfig:
         csi_error_std: channel estimation error the scheduler sees (as in the simulator).
         trace_path: JSONL file, one line per round (None: no trace).
         seed: seeds channels and the verifier's sampling.
+        t_ref_s, horizon_s: observation normalisation and episode clock for schedulers that
+            read the env's observation vector (default: the scenario's drafting latency).
     """
 
     max_users: int = 8
@@ -68,6 +70,8 @@ class LiveConfig:
     csi_error_std: float = 0.0
     trace_path: str | None = None
     seed: int = 0
+    t_ref_s: float | None = None
+    horizon_s: float = 30.0
 
 
 @dataclass
@@ -244,6 +248,27 @@ class EdgeServer:
             oracle_spectral_eff=None,
         )
 
+    def observation(self, users: list[_User], r_est: np.ndarray) -> np.ndarray:
+        """The env's observation vector ``(1, size)`` for the connected users, built by the
+        same builder and history as in simulation (users fill slots 0..K-1 in slot order)."""
+        spec = ObservationSpec(
+            max_users=self.cfg.max_users,
+            max_draft_length=self.cfg.max_draft_length,
+            t_ref_s=self.cfg.t_ref_s or self.scenario.t_draft_mean_s,
+            payload_bits=float(self.payload_bits),
+            bandwidth_hz=self.bandwidth_hz,
+        )
+        elapsed = sum(r.timeline_s for r in self.records)
+        horizon_frac = (elapsed % self.cfg.horizon_s) / self.cfg.horizon_s
+        return build_observation(
+            spec,
+            self.history.columns([u.slot for u in users]),
+            r_est[None, :],
+            np.array([[u.t_draft_est_s for u in users]]),
+            np.full((1, len(users)), self.cfg.alpha_prior),
+            np.array([horizon_frac]),
+        )
+
     async def play_round(self) -> RoundRecord | None:
         users = self.connected
         if not users:
@@ -263,7 +288,11 @@ class EdgeServer:
             )
             estimate = np.abs(h + e) ** 2
         r_est = spectral_efficiency(sc.tx_power_w, estimate, sc.noise_power_w)
-        lengths, bandwidth = self.scheduler.act(self._view(users, r_est))
+        view = self._view(users, r_est)
+        if getattr(self.scheduler, "uses_observation", False):  # e.g. an exported policy
+            lengths, bandwidth = self.scheduler.act(view, self.observation(users, r_est))
+        else:
+            lengths, bandwidth = self.scheduler.act(view)
         lengths, bandwidth = lengths[0], bandwidth[0]
         self._inbox, self._arrived = {}, asyncio.Event()
         self._expected = set()
