@@ -28,6 +28,7 @@ _SUBCOMMANDS = {
     "sweep": ("multispin_train.sweep", "Optuna hyperparameter sweep (RDB storage)"),
     "experiment": ("multispin_train.experiments", "headline experiments: paper | realistic"),
     "live": ("multispin_env.live.cli", "edge server + device processes with real models"),
+    "export": ("multispin_train.export", "ONNX policy bundle from a training run"),
     "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
 }
 

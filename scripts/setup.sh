@@ -18,4 +18,4 @@ if ! python -c "import torch" 2>/dev/null; then
       --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install -q -e ".[rl,sweep,live,dev]"
+pip install -q -e ".[rl,sweep,live,export,dev]"

@@ -113,20 +113,25 @@ async def run_live(args) -> dict:
         pair = load_pair(args.model, device=args.device)
     if args.trace:
         write_trace_header(args.trace)
+    scheduler = make_scheduler(args.scheduler)
+    max_users, max_draft_length = args.users, args.max_draft_length
+    bundle = getattr(scheduler, "bundle", None)
+    if bundle is not None:  # the policy fixes the observation's K_max and L_max
+        if args.users > bundle.max_users:
+            raise ValueError(f"--users {args.users} exceeds the policy's K_max={bundle.max_users}")
+        max_users, max_draft_length = bundle.max_users, bundle.max_draft_length
     cfg = LiveConfig(
-        max_users=args.users,
+        max_users=max_users,
         greedy=args.greedy,
         temperature=args.temperature,
         kept_vocab=args.kept_vocab,
-        max_draft_length=args.max_draft_length,
+        max_draft_length=max_draft_length,
         trace_path=args.trace,
         seed=args.seed,
         scenario=args.scenario,
         round_timeout_s=args.round_timeout_s,
     )
-    server = EdgeServer(
-        cfg, pair.verifier, make_scheduler(args.scheduler), pair.verifier.cfg.vocab_size
-    )
+    server = EdgeServer(cfg, pair.verifier, scheduler, pair.verifier.cfg.vocab_size)
     port = await server.start(port=args.port)
     rng = np.random.default_rng(args.seed)
     prompts = default_prompts(pair, args.users)
@@ -194,7 +199,11 @@ async def run_live(args) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="multispin live", description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, default=4)
-    p.add_argument("--scheduler", default="hete", choices=["fixed", "uni_bw", "homo", "hete"])
+    p.add_argument(
+        "--scheduler",
+        default="hete",
+        help="fixed, uni_bw, homo, hete, or bundle:FOLDER (an exported policy)",
+    )
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
     p.add_argument("--hf-drafter", default=None, help="local Hugging Face drafter folder")

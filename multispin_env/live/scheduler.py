@@ -50,8 +50,37 @@ class OnlineVerificationModel:
         return self.t_fix_s + self.t_token_s * num_users * (max_draft_length + 1)
 
 
+class BundleScheduler:
+    """An exported policy as a live scheduler: it reads the env's observation vector (built
+    by the server with the env's builder) and its action is decoded by the env's codec."""
+
+    uses_observation = True
+
+    def __init__(self, folder: str) -> None:
+        from multispin_agents.bundle import PolicyBundle
+        from multispin_env.action_codec import ActionCodec
+
+        self.bundle = PolicyBundle(folder)
+        self.codec = ActionCodec(
+            self.bundle.action_mode, self.bundle.max_users, self.bundle.max_draft_length
+        )
+        self.name = f"bundle:{folder}"
+
+    def act(self, view, obs: np.ndarray):
+        from multispin_env.action_codec import DecisionContext
+
+        action = self.bundle.act(obs)
+        ctx = DecisionContext(
+            view.spectral_eff_est, view.t_draft_s, view.payload_bits, view.bandwidth_hz
+        )
+        return self.codec.decode(action, ctx)
+
+
 def make_scheduler(name: str):
-    """A heuristic scheduler by name (acceptance estimated from the round history)."""
+    """A scheduler by name: a paper heuristic (acceptance estimated from the round history)
+    or ``bundle:FOLDER`` for an exported policy."""
+    if name.startswith("bundle:"):
+        return BundleScheduler(name[len("bundle:") :])
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name!r}; choose one of {SCHEDULERS}")
+        raise ValueError(f"scheduler {name!r}; choose one of {SCHEDULERS} or bundle:FOLDER")
     return SolverPolicy(name, alpha_source="history" if name != "fixed" else "prior")
