@@ -29,6 +29,7 @@ _SUBCOMMANDS = {
     "experiment": ("multispin_train.experiments", "headline experiments: paper | realistic"),
     "live": ("multispin_env.live.cli", "edge server + device processes with real models"),
     "export": ("multispin_train.export", "ONNX policy bundle from a training run"),
+    "calibrate": ("multispin_env.live.calibrate", "profile the live pair into a scenario preset"),
     "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
 }
 

@@ -7,6 +7,7 @@
 ``...Dynamic-v0`` variants switch on per-request acceptance (hidden, Beta around Table I),
 request churn (geometric requests of 256 tokens on average) and CSI error (std 0.3) on top
 of the paper preset. ``RealisticLlama2-v0`` adds token-aware verification cost and energy.
+``DemoPairCPU-v0`` is the profile ``multispin calibrate`` measured from the built-in live pair.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ ENV_IDS: dict[str, tuple[str, dict]] = {
     "multispin/PaperLlama2Dynamic-v0": ("paper-llama2", DYNAMIC),
     "multispin/PaperQwen35Dynamic-v0": ("paper-qwen35", DYNAMIC),
     "multispin/RealisticLlama2-v0": ("realistic-llama2", {}),
+    # calibrated from the built-in live pair on this CPU (multispin calibrate)
+    "multispin/DemoPairCPU-v0": ("demo-pair-cpu", {}),
 }
 
 
