@@ -103,6 +103,20 @@ class LearnedController:
         return episodes.codec.decode(actions, episodes.context())
 
 
+class BundleController:
+    """An exported policy bundle (ONNX) in the simulator: the same graph the live server runs."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from multispin_agents.bundle import PolicyBundle
+
+        self.bundle = PolicyBundle(folder)
+        self.env_kwargs = dict(self.bundle.meta.get("env_kwargs", {}))
+        self.name = f"bundle:{Path(folder).name}"
+
+    def decide(self, episodes: BatchedEpisodes):
+        return episodes.codec.decode(self.bundle.act(episodes.observe()), episodes.context())
+
+
 def scenario_for(env_id: str, env_kwargs: dict | None = None) -> tuple[ScenarioConfig, dict]:
     """(scenario, env options) for a registered id or preset plus kwargs."""
     preset, base = resolve_env_id(env_id)

@@ -30,6 +30,7 @@ _SUBCOMMANDS = {
     "live": ("multispin_env.live.cli", "edge server + device processes with real models"),
     "export": ("multispin_train.export", "ONNX policy bundle from a training run"),
     "calibrate": ("multispin_env.live.calibrate", "profile the live pair into a scenario preset"),
+    "end-to-end": ("multispin_train.end_to_end", "calibrated sim -> train -> export -> live"),
     "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
 }
 

@@ -120,6 +120,10 @@ async def run_live(args) -> dict:
         if args.users > bundle.max_users:
             raise ValueError(f"--users {args.users} exceeds the policy's K_max={bundle.max_users}")
         max_users, max_draft_length = bundle.max_users, bundle.max_draft_length
+        # observations must be normalised as in training: use the policy's scenario
+        from multispin_env.registration import resolve_env_id
+
+        args.scenario = resolve_env_id(bundle.meta["env_id"])[0]
     cfg = LiveConfig(
         max_users=max_users,
         greedy=args.greedy,
@@ -209,7 +213,12 @@ def main(argv=None) -> dict:
     p.add_argument("--hf-drafter", default=None, help="local Hugging Face drafter folder")
     p.add_argument("--hf-verifier", default=None, help="local Hugging Face verifier folder")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
-    p.add_argument("--scenario", default="paper-llama2", help="preset for channel constants")
+    p.add_argument(
+        "--scenario",
+        default="paper-llama2",
+        help="preset for channel constants and the scheduler's priors "
+        "(with a bundle scheduler: the policy's training scenario)",
+    )
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--kept-vocab", type=int, default=1024)

@@ -49,7 +49,8 @@ class LiveConfig:
         bandwidth_hz: total uplink bandwidth (default: the scenario's).
         max_draft_length: L_max for the scheduler (kept small: the verifier's context is 512).
         round_timeout_s: wall-clock deadline for drafts; late devices are dropped that round.
-        alpha_prior: acceptance assumed for users with no history yet.
+        alpha_prior: acceptance assumed for users with no history yet (default: the mean of
+            the scenario's task acceptance rates, as the simulator's prior).
         greedy, temperature, kept_vocab: decoding (devices must use the same).
         csi_error_std: channel estimation error the scheduler sees (as in the simulator).
         trace_path: JSONL file, one line per round (None: no trace).
@@ -63,7 +64,7 @@ class LiveConfig:
     bandwidth_hz: float | None = None
     max_draft_length: int = 8
     round_timeout_s: float = 10.0
-    alpha_prior: float = 0.7
+    alpha_prior: float | None = None
     greedy: bool = False
     temperature: float = 1.0
     kept_vocab: int = 1024
@@ -109,7 +110,11 @@ class EdgeServer:
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.users: dict[str, _User] = {}
         self.history = UserHistory(1, cfg.max_users)
-        self.history.reset(np.full((1, cfg.max_users), cfg.alpha_prior))
+        if cfg.alpha_prior is None:
+            self.alpha_prior = float(np.mean([t.alpha_mean for t in self.scenario.tasks]))
+        else:
+            self.alpha_prior = cfg.alpha_prior
+        self.history.reset(np.full((1, cfg.max_users), self.alpha_prior))
         self.verification = OnlineVerificationModel()
         self.records: list[RoundRecord] = []
         self.protocol_errors: list[str] = []
@@ -238,7 +243,7 @@ class EdgeServer:
         return ServerView(
             spectral_eff_est=r_est[None, :],
             t_draft_s=np.array([[u.t_draft_est_s for u in users]]),
-            alpha_prior=np.full((1, len(users)), self.cfg.alpha_prior),
+            alpha_prior=np.full((1, len(users)), self.alpha_prior),
             alpha_hat=alpha_hat,
             payload_bits=float(self.payload_bits),
             bandwidth_hz=self.bandwidth_hz,
@@ -265,7 +270,7 @@ class EdgeServer:
             self.history.columns([u.slot for u in users]),
             r_est[None, :],
             np.array([[u.t_draft_est_s for u in users]]),
-            np.full((1, len(users)), self.cfg.alpha_prior),
+            np.full((1, len(users)), self.alpha_prior),
             np.array([horizon_frac]),
         )
 
