@@ -23,7 +23,8 @@ ENV_IDS: dict[str, tuple[str, dict]] = {
     "multispin/PaperQwen35Dynamic-v0": ("paper-qwen35", DYNAMIC),
     "multispin/RealisticLlama2-v0": ("realistic-llama2", {}),
     # calibrated from the built-in live pair on this CPU (multispin calibrate)
-    "multispin/DemoPairCPU-v0": ("demo-pair-cpu", {}),
+    # rounds take ~25 ms there, so a 3 s horizon keeps episodes at ~120 rounds
+    "multispin/DemoPairCPU-v0": ("demo-pair-cpu", {"horizon_s": 3.0}),
 }
 
 

@@ -8,7 +8,7 @@ from multispin_env.cli import main as cli
 
 
 def test_demo_runs_and_writes_plot(tmp_path, capsys):
-    cli(["demo", "--realizations", "3", "--rounds", "2", "--out", str(tmp_path)])
+    cli(["demo", "--realizations", "3", "--rounds", "2", "--out", str(tmp_path), "--no-live"])
     out = capsys.readouterr().out
     assert "Hete-Multi-SPIN" in out and "Cen-SPIN" in out
     assert (tmp_path / "demo.png").stat().st_size > 1000
@@ -27,3 +27,34 @@ def test_reproduce_writes_tables_plots_and_summary(tmp_path):
 def test_unknown_subcommand_is_rejected():
     with pytest.raises(SystemExit):
         cli(["no-such-command"])
+
+
+def test_end_to_end_smoke(tmp_path, capsys):
+    """The whole chain with tiny budgets: train, export, three live runs, predictions."""
+    import json
+
+    cli(
+        [
+            "end-to-end",
+            "--timesteps",
+            "256",
+            "--rounds",
+            "3",
+            "--users",
+            "2",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["policy"] for r in summary["rows"]] == [
+        "learned (PPO, exported)",
+        "Hete-Multi-SPIN",
+        "Fixed BW&L",
+    ]
+    assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
+    assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
+    assert "sim vs live" in capsys.readouterr().out

@@ -53,7 +53,7 @@ def simulated_goodput(controller, seeds: list[int], users: int) -> float:
     from multispin_eval.harness import run_episodes
 
     metrics = run_episodes(
-        controller, ENV_ID, seeds, horizon_s=10.0, env_kwargs={"num_users": users, "max_users": 8}
+        controller, ENV_ID, seeds, env_kwargs={"num_users": users, "max_users": 8}
     )
     return float(metrics.goodput.mean())
 
@@ -72,6 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/end_to_end")
     p.add_argument("--out", default="results/end_to_end")
+    p.add_argument("--quiet", action="store_true", help="no training progress bar")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,13 +84,16 @@ def main(argv=None) -> dict:
             seed=a.seed,
             env_kwargs={"action_mode": "lengths"},
             run_dir=a.run_dir,
-            eval_freq=max(a.timesteps // 10, 2000),
+            eval_freq=max(a.timesteps // 5, 2000),
             eval_episodes=8,
             checkpoint_freq=0,
             name="learned",
+            progress_bar=not a.quiet,
         )
     )
-    bundle = export_run(a.run_dir, Path(a.run_dir) / "bundle", "best_model.zip")
+    best = Path(a.run_dir) / "best_model.zip"
+    model_file = best.name if best.is_file() else "model.zip"
+    bundle = export_run(a.run_dir, Path(a.run_dir) / "bundle", model_file)
     policies = {
         "learned (PPO, exported)": (f"bundle:{bundle}", BundleController(bundle)),
         "Hete-Multi-SPIN": ("hete", SolverController(SolverPolicy("hete", "history"))),
