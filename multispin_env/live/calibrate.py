@@ -45,22 +45,45 @@ def _fit(design: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def time_verification(
-    verifier, users=(1, 2, 4, 8), lengths=(1, 2, 4, 8), context=96, reps=7
+    verifier, users=(1, 2, 4, 8), lengths=(1, 2, 4, 8), context=96, reps=11, kept_vocab=1024
 ) -> list[dict]:
-    """Median seconds of one batched verification forward per (K, L)."""
+    """Median seconds of one verification step per (K, L), timed exactly as the live server
+    times it: ``VerifierServer.verify`` (the batched forward plus the acceptance rule on the
+    uploaded truncated PMFs and the cache bookkeeping), sampling mode."""
+    from multispin_env.live.speculative import (
+        DecodingConfig,
+        Draft,
+        VerifierServer,
+        truncated_pmf,
+    )
+
     rng = np.random.default_rng(0)
     vocab = verifier.cfg.vocab_size
+    cfg = DecodingConfig(kept_vocab=kept_vocab)
+
+    def drafts(k: int, length: int) -> dict:
+        out = {}
+        for u in range(k):
+            pmfs = [truncated_pmf(torch.randn(vocab), cfg) for _ in range(length)]
+            out[u] = Draft(
+                [int(i[0]) for i, _ in pmfs],
+                np.stack([i for i, _ in pmfs]),
+                np.stack([v for _, v in pmfs]),
+            )
+        return out
+
     rows = []
     for k in users:
-        prompts = [list(rng.integers(1, vocab, context)) for _ in range(k)]
-        _, caches = verifier.forward_cached(prompts, [None] * k)
         for length in lengths:
-            new = [list(rng.integers(1, vocab, length + 1)) for _ in range(k)]
-            verifier.forward_cached(new, caches)  # warm-up
+            server = VerifierServer(verifier, cfg, np.random.default_rng(1))
+            for u in range(k):
+                server.add_user(u, list(rng.integers(1, vocab, context)))
+            server.verify(drafts(k, length))  # prefill the caches, warm up
             times = []
             for _ in range(reps):
+                batch = drafts(k, length)
                 t0 = time.perf_counter()
-                verifier.forward_cached(new, caches)
+                server.verify(batch)
                 times.append(time.perf_counter() - t0)
             rows.append({"users": k, "draft_length": length, "seconds": float(np.median(times))})
     return rows
