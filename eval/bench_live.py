@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from types import SimpleNamespace
 
 import numpy as np
 
 
 def main(argv=None) -> list[dict]:
-    from multispin_env.live.cli import run_live
+    from multispin_env.live.cli import live_args, run_live
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, nargs="+", default=[1, 4, 8])
@@ -30,23 +29,13 @@ def main(argv=None) -> list[dict]:
     a = p.parse_args(argv)
     rows = []
     for users in a.users:
-        args = SimpleNamespace(
+        args = live_args(
             users=users,
             scheduler=a.scheduler,
             rounds=a.rounds,
             model=a.model,
-            scenario="paper-llama2",
-            greedy=False,
-            temperature=1.0,
-            kept_vocab=1024,
-            max_draft_length=8,
             round_timeout_s=30.0,
-            port=0,
-            seed=0,
             trace=f"/tmp/bench_live_{users}.jsonl",
-            hf_drafter=None,
-            hf_verifier=None,
-            device="cpu",
         )
         summary = asyncio.run(run_live(args))
         records = [json.loads(line) for line in open(args.trace)]

@@ -20,31 +20,21 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 ENV_ID = "multispin/DemoPairCPU-v0"
 
 
 def live_goodput(scheduler: str, users: int, rounds: int, seed: int, trace: str) -> dict:
-    from multispin_env.live.cli import run_live
+    from multispin_env.live.cli import live_args, run_live
 
-    args = SimpleNamespace(
+    args = live_args(
         users=users,
         scheduler=scheduler,
         rounds=rounds,
-        model=None,
         scenario="demo-pair-cpu",
-        greedy=False,
-        temperature=1.0,
-        kept_vocab=1024,
-        max_draft_length=8,
         round_timeout_s=30.0,
-        port=0,
         seed=seed,
         trace=trace,
-        hf_drafter=None,
-        hf_verifier=None,
-        device="cpu",
     )
     return asyncio.run(run_live(args))
 

@@ -200,7 +200,17 @@ async def run_live(args) -> dict:
     return summary
 
 
-def main(argv=None) -> dict:
+def live_args(**overrides) -> argparse.Namespace:
+    """The CLI's arguments with its defaults, some replaced (for scripts calling run_live)."""
+    args = build_parser().parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise ValueError(f"multispin live has no option {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multispin live", description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, default=4)
     p.add_argument(
@@ -227,7 +237,11 @@ def main(argv=None) -> dict:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", default="results/live/trace.jsonl")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     summary = asyncio.run(run_live(args))
     if args.trace:
         Path(args.trace).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
