@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -225,7 +225,3 @@ class GPT(nn.Module):
 def cache_crop(cache: Cache, length: int) -> Cache:
     """The first ``length`` positions of a cache."""
     return [(k[:, :length], v[:, :length]) for k, v in cache]
-
-
-def describe(model: GPT) -> dict:
-    return asdict(model.cfg) | {"parameters": sum(p.numel() for p in model.parameters())}
