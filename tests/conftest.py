@@ -32,3 +32,29 @@ def make_tiny_pair(vocab: int = 48, seed: int = 0, noise: float = 0.4, n_positio
 @pytest.fixture
 def tiny_pair_factory():
     return make_tiny_pair
+
+
+def run_greedy_rounds(
+    drafter, verifier, prompts: dict, rounds: int, length_of, kept_vocab: int = 16
+):
+    """Greedy speculative decoding for several users, in process. ``length_of(round, uid)``
+    gives each draft length. Returns (server, accepted drafts, drafted tokens); the server's
+    ``outputs`` hold every user's committed tokens."""
+    import numpy as np
+
+    from multispin_env.live.speculative import DecodingConfig, DrafterSession, VerifierServer
+
+    cfg = DecodingConfig(greedy=True, kept_vocab=kept_vocab)
+    server = VerifierServer(verifier, cfg, np.random.default_rng(0))
+    devices = {}
+    for uid, prompt in prompts.items():
+        server.add_user(uid, prompt)
+        devices[uid] = DrafterSession(drafter, cfg, np.random.default_rng(1))
+        devices[uid].start(prompt)
+    accepted = drafted = 0
+    for r in range(rounds):
+        drafts = {u: d.propose(length_of(r, u)) for u, d in devices.items()}
+        for u, (m, committed) in server.verify(drafts).items():
+            devices[u].commit(m, committed)
+            accepted, drafted = accepted + m, drafted + len(drafts[u].tokens)
+    return server, accepted, drafted

@@ -3,14 +3,10 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from multispin_env.live.models import default_pair_dir, load_pair
 from multispin_env.live.speculative import (
-    DecodingConfig,
-    DrafterSession,
-    VerifierServer,
     verifier_greedy_reference,
 )
 
@@ -54,23 +50,15 @@ def test_corrupt_or_incomplete_pair_fails_at_load(tmp_path):
 
 
 def test_greedy_speculative_decoding_equals_verifier_greedy_on_real_models(pair):
-    cfg = DecodingConfig(greedy=True)
-    server = VerifierServer(pair.verifier, cfg, np.random.default_rng(0))
+    from conftest import run_greedy_rounds
+
     prompts = {
         0: pair.encode("import os\nimport sys\n\n\ndef main("),
         1: pair.encode("class Queue:\n    def __init__(self"),
     }
-    devices = {}
-    for uid, prompt in prompts.items():
-        server.add_user(uid, prompt)
-        devices[uid] = DrafterSession(pair.drafter, cfg, np.random.default_rng(uid))
-        devices[uid].start(prompt)
-    accepted = drafted = 0
-    for r in range(10):
-        drafts = {u: d.propose(2 + (r + u) % 4) for u, d in devices.items()}
-        for u, (m, committed) in server.verify(drafts).items():
-            devices[u].commit(m, committed)
-            accepted, drafted = accepted + m, drafted + len(drafts[u].tokens)
+    server, accepted, drafted = run_greedy_rounds(
+        pair.drafter, pair.verifier, prompts, 10, lambda r, u: 2 + (r + u) % 4, kept_vocab=1024
+    )
     assert 0.3 < accepted / drafted < 1.0  # a real pair: mostly but not always agreeing
     for uid, prompt in prompts.items():
         out = server.outputs[uid]

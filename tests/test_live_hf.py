@@ -2,15 +2,11 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from multispin_env.live.hf import HFCausalLM, load_hf_pair
 from multispin_env.live.speculative import (
-    DecodingConfig,
-    DrafterSession,
-    VerifierServer,
     verifier_greedy_reference,
 )
 
@@ -58,21 +54,11 @@ def test_hf_batched_cached_forward_equals_recompute():
 
 def test_greedy_speculative_with_hf_models_equals_verifier_greedy():
     drafter, verifier = _llama_pair(seed=1)
+    from conftest import run_greedy_rounds
+
     d, v = HFCausalLM(drafter), HFCausalLM(verifier)
-    cfg = DecodingConfig(greedy=True, kept_vocab=16)
-    server = VerifierServer(v, cfg, np.random.default_rng(0))
     prompts = {0: [1, 2, 3], 1: [5], 2: [7, 8, 9, 10]}
-    devices = {}
-    for uid, prompt in prompts.items():
-        server.add_user(uid, prompt)
-        devices[uid] = DrafterSession(d, cfg, np.random.default_rng(uid))
-        devices[uid].start(prompt)
-    accepted = drafted = 0
-    for r in range(8):
-        drafts = {u: dev.propose(1 + (r + u) % 4) for u, dev in devices.items()}
-        for u, (m, committed) in server.verify(drafts).items():
-            devices[u].commit(m, committed)
-            accepted, drafted = accepted + m, drafted + len(drafts[u].tokens)
+    server, accepted, drafted = run_greedy_rounds(d, v, prompts, 8, lambda r, u: 1 + (r + u) % 4)
     assert 0 < accepted < drafted
     for uid, prompt in prompts.items():
         out = server.outputs[uid]

@@ -47,22 +47,13 @@ def test_weights_round_trip_and_load_in_transformers(tmp_path, tiny_pair_factory
 
 @pytest.mark.parametrize("lengths", [[1, 3, 2], [4, 4, 4], [2, 1, 5]])
 def test_greedy_speculative_equals_verifier_greedy(lengths, tiny_pair_factory):
+    from conftest import run_greedy_rounds
+
     drafter, verifier = tiny_pair_factory(VOCAB, seed=1)
-    cfg = DecodingConfig(greedy=True, kept_vocab=8)
-    server = VerifierServer(verifier, cfg, np.random.default_rng(0))
     prompts = {0: [1, 2, 3], 1: [5], 2: [7, 8, 9, 10, 11, 12]}
-    devices = {}
-    for uid, prompt in prompts.items():
-        server.add_user(uid, prompt)
-        devices[uid] = DrafterSession(drafter, cfg, np.random.default_rng(uid))
-        devices[uid].start(prompt)
-    drafted = accepted = 0
-    for r in range(15):
-        drafts = {u: devices[u].propose(lengths[(r + u) % 3]) for u in devices}
-        for u, (m, committed) in server.verify(drafts).items():
-            devices[u].commit(m, committed)
-            drafted += len(drafts[u].tokens)
-            accepted += m
+    server, accepted, drafted = run_greedy_rounds(
+        drafter, verifier, prompts, 15, lambda r, u: lengths[(r + u) % 3], kept_vocab=8
+    )
     assert 0 < accepted < drafted  # the pair disagrees sometimes: a real test of the rule
     for uid, prompt in prompts.items():
         out = server.outputs[uid]
