@@ -143,7 +143,6 @@ def run_episodes(
     n = len(seeds)
     episodes = BatchedEpisodes(cfg, EnvOptions.build(cfg, **options), n)
     episodes.reset(seed_keys(seeds), np.arange(n))
-    horizon = episodes.options.horizon_s
     k = cfg.num_users
     user_tokens = np.zeros((n, k))
     split = np.zeros((n, 3))
@@ -152,11 +151,10 @@ def run_episodes(
     goodput = np.zeros(n)
     rows = np.arange(n)
     while not done.all():
-        elapsed_before = episodes.elapsed_s.copy()
         lengths, bandwidth = controller.decide(episodes)
         _, truncated, s = episodes.step_allocation(lengths, bandwidth, validate=True)
         live = ~done
-        inside = np.minimum((horizon - elapsed_before) / s["round_time_s"], 1.0) * live
+        inside = s["inside_horizon"] * live
         user_tokens += inside[:, None] * s["committed"]
         strag = s["straggler"]
         split[:, 0] += inside * s["t_draft_s"][rows, strag]

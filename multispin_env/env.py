@@ -86,7 +86,8 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Info
     ``goodput_tokens_per_s`` (this round), ``episode_goodput_tokens_per_s``, ``tokens``,
     ``round_time_s``, per-user ``t_draft_s``/``t_upload_s``, ``t_verify_s``, ``straggler``,
-    ``draft_lengths``, ``bandwidth_hz``, ``committed``, ``energy_j``, ``reward_components``.
+    ``draft_lengths``, ``bandwidth_hz``, ``committed``, ``energy_j``, ``reward_components``,
+    ``inside_horizon`` (share of the round inside the episode's time horizon).
 
     ## Arguments
     ``scenario`` (preset name or ScenarioConfig), ``action_mode``, ``max_users``,

@@ -242,6 +242,7 @@ class BatchedEpisodes:
         self.last_lengths, self.last_bandwidth, self.last_result = lengths, bandwidth, res
         summary = {
             "reward_components": components,
+            "inside_horizon": inside,
             "tokens": tokens,
             "round_time_s": res.round_time_s,
             "goodput_tokens_per_s": tokens / res.round_time_s,

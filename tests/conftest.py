@@ -58,3 +58,21 @@ def run_greedy_rounds(
             devices[u].commit(m, committed)
             accepted, drafted = accepted + m, drafted + len(drafts[u].tokens)
     return server, accepted, drafted
+
+
+# a training run that takes seconds: smoke tests of train -> export/evaluate
+TINY_TRAIN_ARGS = [
+    "--timesteps",
+    "128",
+    "--n-envs",
+    "2",
+    "--eval-freq",
+    "0",
+    "--checkpoint-freq",
+    "0",
+    "--no-progress",
+    "--params",
+    "n_steps:64",
+    "batch_size:64",
+    "n_epochs:1",
+]

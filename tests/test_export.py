@@ -5,26 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN_ARGS
 
 from multispin_agents.bundle import BundleError, PolicyBundle
 from multispin_train.export import export_run
 from multispin_train.train import main as train_main
-
-TINY = [
-    "--timesteps",
-    "128",
-    "--n-envs",
-    "2",
-    "--eval-freq",
-    "0",
-    "--checkpoint-freq",
-    "0",
-    "--no-progress",
-    "--params",
-    "n_steps:64",
-    "batch_size:64",
-    "n_epochs:1",
-]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +29,7 @@ def runs(tmp_path_factory):
         ],
         "discrete": ["--env-kwargs", "action_mode:lengths_discrete", "num_users:4"],
     }.items():
-        train_main(TINY[:] + ["--run-dir", str(root / name)] + extra)
+        train_main(TINY_TRAIN_ARGS + ["--run-dir", str(root / name)] + extra)
         made[name] = root / name
     return made
 

@@ -160,27 +160,9 @@ def test_train_checkpoint_resume_and_evaluate(tmp_path, capsys):
 
 def test_evaluate_refuses_a_policy_trained_on_another_scenario(tmp_path):
     run = tmp_path / "run"
-    train_main(
-        [
-            "--timesteps",
-            "64",
-            "--n-envs",
-            "2",
-            "--env-kwargs",
-            "num_users:3",
-            "--run-dir",
-            str(run),
-            "--eval-freq",
-            "0",
-            "--checkpoint-freq",
-            "0",
-            "--no-progress",
-            "--params",
-            "n_steps:32",
-            "batch_size:64",
-            "n_epochs:1",
-        ]
-    )
+    from conftest import TINY_TRAIN_ARGS
+
+    train_main(TINY_TRAIN_ARGS + ["--env-kwargs", "num_users:3", "--run-dir", str(run)])
     with pytest.raises(ValueError, match="same deployment"):
         evaluate_main(["--policies", str(run), "--seeds", "1", "--out", str(tmp_path)])
 
