@@ -50,3 +50,29 @@ def test_committed_profile_is_registered():
     assert cfg.vocab_size == 4096 and cfg.verification["kind"] == "token_aware"
     env = gym.make("multispin/DemoPairCPU-v0", action_mode="lengths")
     check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_verify_benchmark_runs_and_fits_on_cpu(tmp_path):
+    """The GPU verification benchmark's real script, tiny Llama on the CPU."""
+    import json
+
+    from multispin_eval.bench_verify import main
+
+    report = main(
+        ["--device", "cpu", "--models", "tiny-llama", "--users", "1", "2", "--lengths", "1", "3"]
+        + ["--reps", "2", "--dtype", "fp32", "--out", str(tmp_path)]
+    )
+    saved = json.loads((tmp_path / "verify_latency.json").read_text())
+    entry = saved["models"]["tiny-llama"]
+    assert report["models"]["tiny-llama"]["server"]["rows"] == entry["server"]["rows"]
+    for kind in ("server", "forward"):
+        rows = entry[kind]["rows"]
+        assert sorted((r["users"], r["draft_length"]) for r in rows) == [
+            (1, 1),
+            (1, 3),
+            (2, 1),
+            (2, 3),
+        ]
+        assert all(r["seconds"] > 0 for r in rows)
+        assert entry[kind]["fit"]["token_aware"]["t_fix_s"] >= 0
+    assert "forward_cuda_graph" not in entry  # CUDA graphs only on a GPU
