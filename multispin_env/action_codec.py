@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from gymnasium import spaces
 
+from multispin_env._jit import kernel
 from multispin_env.allocation import latency_equalising_bandwidth
 
 SHARE_TEMPERATURE = 1.5
@@ -48,9 +49,47 @@ class DecisionContext:
     bandwidth_hz: float
 
 
+@kernel
+def _box_length(a, l_max):
+    """[-1, 1] cut into l_max equal bins -> draft length in [1, l_max]."""
+    b = np.floor((np.float64(a) + 1.0) * (0.5 * l_max))
+    return np.int64(1 + min(max(b, 0.0), l_max - 1))
+
+
+@kernel
+def _decode_full_kernel(action, num_users, max_users, l_max, bandwidth_hz, lengths, bandwidth):
+    """``full`` mode: length bins and softmax(SHARE_TEMPERATURE * logit) shares."""
+    for n in range(action.shape[0]):
+        top = -np.inf
+        for k in range(num_users):
+            lengths[n, k] = _box_length(action[n, k], l_max)
+            logit = SHARE_TEMPERATURE * min(max(np.float64(action[n, max_users + k]), -1.0), 1.0)
+            bandwidth[n, k] = logit
+            top = max(top, logit)
+        total = 0.0
+        for k in range(num_users):
+            bandwidth[n, k] = np.exp(bandwidth[n, k] - top)
+            total += bandwidth[n, k]
+        for k in range(num_users):
+            bandwidth[n, k] = bandwidth[n, k] / total * bandwidth_hz
+
+
+@kernel
+def _box_lengths_kernel(action, width, l_max, lengths):
+    """Per-user length bins from the first ``width`` entries of each row (``width`` = 1:
+    one common length for every user)."""
+    for n in range(lengths.shape[0]):
+        for k in range(lengths.shape[1]):
+            lengths[n, k] = _box_length(action[n, k if width > 1 else 0], l_max)
+
+
 def _box_to_length(a: np.ndarray, l_max: int) -> np.ndarray:
-    bins = np.floor((np.asarray(a, dtype=np.float64) + 1.0) * (0.5 * l_max))
-    return (1 + np.minimum(np.maximum(bins, 0), l_max - 1)).astype(np.int64)
+    a = np.ascontiguousarray(a)
+    lengths = np.empty(a.shape, dtype=np.int64)
+    _box_lengths_kernel(
+        a.reshape(-1, a.shape[-1]), a.shape[-1], l_max, lengths.reshape(-1, a.shape[-1])
+    )
+    return lengths
 
 
 def _length_to_box(lengths: np.ndarray, l_max: int) -> np.ndarray:
@@ -97,12 +136,13 @@ class ActionCodec:
             raise ValueError(f"got {a.shape[0]} actions for {n} environments")
         l_max = self.max_draft_length
         if self.mode == "full":
-            lengths = _box_to_length(a[:, :k], l_max)
-            raw = a[:, self.max_users : self.max_users + k].astype(np.float64)
-            logits = SHARE_TEMPERATURE * np.minimum(np.maximum(raw, -1.0), 1.0)
-            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-            shares = weights / weights.sum(axis=1, keepdims=True)
-            return lengths, shares * ctx.bandwidth_hz
+            lengths = np.empty((n, k), dtype=np.int64)
+            bandwidth = np.empty((n, k))
+            _decode_full_kernel(
+                np.ascontiguousarray(a), k, self.max_users, l_max, float(ctx.bandwidth_hz),
+                lengths, bandwidth,
+            )  # fmt: skip
+            return lengths, bandwidth
         if self.mode == "lengths":
             lengths = _box_to_length(a[:, :k], l_max)
         elif self.mode == "lengths_discrete":
@@ -110,7 +150,8 @@ class ActionCodec:
                 raise ValueError(f"lengths_discrete actions must be integers in [0, {l_max - 1}]")
             lengths = a[:, :k].astype(np.int64) + 1
         elif self.mode == "homogeneous":
-            lengths = np.repeat(_box_to_length(a[:, :1], l_max), k, axis=1)
+            lengths = np.empty((n, k), dtype=np.int64)
+            _box_lengths_kernel(np.ascontiguousarray(a), 1, l_max, lengths)
         else:
             if np.any((a < 0) | (a >= l_max)):
                 raise ValueError(f"homogeneous_discrete actions must be in [0, {l_max - 1}]")

@@ -9,6 +9,35 @@ from __future__ import annotations
 
 import numpy as np
 
+from multispin_env._jit import kernel
+
+
+def _rows(x, shape) -> np.ndarray:
+    """``x`` broadcast to ``shape`` as a C-contiguous float64 ``(rows, K)`` array."""
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(x, dtype=np.float64), shape)).reshape(
+        -1, shape[-1]
+    )
+
+
+@kernel
+def _equalising_kernel(a, c, bandwidth_hz, max_iter, phi):
+    for n in range(a.shape[0]):
+        # start left of the root, where one term alone already reaches B
+        x = -np.inf
+        for k in range(a.shape[1]):
+            x = max(x, c[n, k] + a[n, k] / bandwidth_hz)
+        for _ in range(max_iter):
+            f, df = -bandwidth_hz, 0.0
+            for k in range(a.shape[1]):
+                gap = x - c[n, k]
+                f += a[n, k] / gap
+                df -= a[n, k] / gap**2
+            step = f / df
+            x = x - step
+            if abs(step) <= 1e-13 * x:
+                break
+        phi[n] = x
+
 
 def equalising_latency(
     a: np.ndarray, c: np.ndarray, bandwidth_hz: float, max_iter: int = 100
@@ -20,18 +49,31 @@ def equalising_latency(
     on (max c, inf), so Newton's method started left of the root (at max_k c_k + a_k/B,
     where one term alone already reaches B) increases monotonically to it.
     """
-    a = np.asarray(a, dtype=np.float64)
-    c = np.asarray(c, dtype=np.float64)
-    phi = (c + a / bandwidth_hz).max(axis=-1)
-    for _ in range(max_iter):
-        gap = phi[..., None] - c
-        f = (a / gap).sum(axis=-1) - bandwidth_hz
-        df = -(a / gap**2).sum(axis=-1)
-        step = f / df
-        phi = phi - step
-        if np.all(np.abs(step) <= 1e-13 * phi):
-            break
-    return phi
+    shape = np.broadcast_shapes(np.shape(a), np.shape(c))
+    phi = np.empty(int(np.prod(shape[:-1], dtype=np.int64)))
+    _equalising_kernel(_rows(a, shape), _rows(c, shape), float(bandwidth_hz), int(max_iter), phi)
+    return phi.reshape(shape[:-1]) if len(shape) > 1 else phi[0]
+
+
+@kernel
+def _equalising_bandwidth_kernel(
+    lengths, t_draft_s, spectral_eff, payload_bits, bandwidth_hz, out, phi
+):
+    a = np.empty_like(lengths)
+    c = np.empty_like(lengths)
+    for n in range(lengths.shape[0]):
+        for k in range(lengths.shape[1]):
+            a[n, k] = payload_bits * lengths[n, k] / spectral_eff[n, k]
+            c[n, k] = lengths[n, k] * t_draft_s[n, k]
+    _equalising_kernel(a, c, bandwidth_hz, 100, phi)
+    for n in range(lengths.shape[0]):
+        total = 0.0
+        for k in range(lengths.shape[1]):
+            out[n, k] = a[n, k] / (phi[n] - c[n, k])
+            total += out[n, k]
+        scale = bandwidth_hz / total  # removes rounding drift: the shares sum to B
+        for k in range(lengths.shape[1]):
+            out[n, k] *= scale
 
 
 def latency_equalising_bandwidth(
@@ -42,10 +84,21 @@ def latency_equalising_bandwidth(
     Returns (bandwidth per user in Hz, phi = the common draft+upload time in s). With
     L_k = 1 for all users this is Lemma 1 (per-token latency theta*).
     """
-    lengths = np.asarray(draft_lengths, dtype=np.float64)
-    a = payload_bits * lengths / np.asarray(spectral_eff)
-    c = lengths * np.asarray(t_draft_s)
-    phi = equalising_latency(a, c, bandwidth_hz)
-    bandwidth = a / (phi[..., None] - c)
-    bandwidth *= bandwidth_hz / bandwidth.sum(axis=-1, keepdims=True)  # remove rounding drift
-    return bandwidth, phi
+    shape = np.broadcast_shapes(
+        np.shape(draft_lengths), np.shape(t_draft_s), np.shape(spectral_eff)
+    )
+    lengths = _rows(draft_lengths, shape)
+    out = np.empty_like(lengths)
+    phi = np.empty(lengths.shape[0])
+    _equalising_bandwidth_kernel(
+        lengths,
+        _rows(t_draft_s, shape),
+        _rows(spectral_eff, shape),
+        float(payload_bits),
+        float(bandwidth_hz),
+        out,
+        phi,
+    )
+    if len(shape) == 1:
+        return out[0], phi[0]
+    return out.reshape(shape), phi.reshape(shape[:-1])

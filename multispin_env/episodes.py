@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from multispin_env._jit import kernel
 from multispin_env.action_codec import ActionCodec, DecisionContext
 from multispin_env.config import ScenarioConfig
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.simulator import MultiSpinSimulator
 
 REWARD_COMPONENTS = ("tokens", "time", "energy")
+_SORTED_COMPONENTS = tuple(sorted(REWARD_COMPONENTS))  # energy, time, tokens
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class BatchedEpisodes:
         )
         self.history = UserHistory(num_envs, config.num_users, decay=options.history_decay)
         self.weights = dict(options.reward_weights)
+        # fixed order (sorted names: energy, time, tokens) so the kernel sums like sorted()
+        self._weight_vector = np.array([self.weights.get(c, 0.0) for c in _SORTED_COMPONENTS])
+        self._weight_used = np.array([c in self.weights for c in _SORTED_COMPONENTS])
         self.elapsed_s = np.zeros(num_envs)
         self.episode_tokens = np.zeros(num_envs)
         self.episode_rounds = np.zeros(num_envs, dtype=np.int64)
@@ -216,20 +221,31 @@ class BatchedEpisodes:
         r_decided = self.sim.spectral_eff_estimate  # replaced by the next round's in step()
         res = self.sim.step(lengths, bandwidth, validate=validate)
         horizon = self.options.horizon_s
-        # share of the round inside the horizon (elapsed < horizon before every step)
-        inside = np.minimum((horizon - self.elapsed_s) / res.round_time_s, 1.0)
-        tokens = res.committed.sum(axis=-1)
-        energy = res.energy_j.sum(axis=-1)
-        components = {
-            "tokens": inside * tokens / self.config.num_users,
-            "time": -inside * res.round_time_s,
-            "energy": -inside * energy,
-        }
-        reward = sum(weight * components[name] for name, weight in self.weights.items())
-        self.elapsed_s += res.round_time_s
-        self.episode_tokens += inside * tokens
-        self.episode_rounds += 1
-        truncated = self.elapsed_s >= horizon
+        n = self.num_envs
+        inside, energy, reward, goodput, episode_goodput = (np.empty(n) for _ in range(5))
+        components = np.empty((3, n))  # rows in _SORTED_COMPONENTS order
+        tokens = np.empty(n, dtype=np.int64)
+        truncated = np.empty(n, dtype=bool)
+        _score_round_kernel(
+            res.committed,
+            res.energy_j,
+            res.round_time_s,
+            float(horizon),
+            float(self.config.num_users),
+            self._weight_vector,
+            self._weight_used,
+            self.elapsed_s,
+            self.episode_tokens,
+            self.episode_rounds,
+            inside,
+            tokens,
+            energy,
+            components,
+            reward,
+            truncated,
+            goodput,
+            episode_goodput,
+        )
         self.history.update(
             res.drafted,
             res.accepted,
@@ -241,13 +257,12 @@ class BatchedEpisodes:
         )
         self.last_lengths, self.last_bandwidth, self.last_result = lengths, bandwidth, res
         summary = {
-            "reward_components": components,
+            "reward_components": dict(zip(_SORTED_COMPONENTS, components, strict=True)),
             "inside_horizon": inside,
             "tokens": tokens,
             "round_time_s": res.round_time_s,
-            "goodput_tokens_per_s": tokens / res.round_time_s,
-            "episode_goodput_tokens_per_s": self.episode_tokens
-            / np.minimum(self.elapsed_s, horizon),
+            "goodput_tokens_per_s": goodput,
+            "episode_goodput_tokens_per_s": episode_goodput,
             "t_draft_s": res.t_draft_s,
             "t_upload_s": res.t_upload_s,
             "t_verify_s": res.t_verify_s,
@@ -258,3 +273,53 @@ class BatchedEpisodes:
             "energy_j": energy,
         }
         return reward, truncated, summary
+
+
+@kernel
+def _score_round_kernel(
+    committed,
+    energy_j,
+    round_time_s,
+    horizon_s,
+    num_users,
+    weights,
+    weight_used,
+    elapsed_s,
+    episode_tokens,
+    episode_rounds,
+    inside,
+    tokens,
+    energy,
+    components,
+    reward,
+    truncated,
+    goodput,
+    episode_goodput,
+):
+    """Reward components, reward and episode clocks of one round (see module docstring).
+
+    ``components`` rows are energy, time, tokens; the reward adds the weighted components
+    in that order. ``elapsed_s``, ``episode_tokens`` and ``episode_rounds`` advance in place.
+    """
+    for n in range(committed.shape[0]):
+        # share of the round inside the horizon (elapsed < horizon before every step)
+        share = min((horizon_s - elapsed_s[n]) / round_time_s[n], 1.0)
+        total, joules = 0, 0.0
+        for k in range(committed.shape[1]):
+            total += committed[n, k]
+            joules += energy_j[n, k]
+        components[0, n] = -share * joules
+        components[1, n] = -share * round_time_s[n]
+        components[2, n] = share * total / num_users
+        r = 0.0
+        for c in range(3):
+            if weight_used[c]:
+                r += weights[c] * components[c, n]
+        reward[n] = r
+        inside[n], tokens[n], energy[n] = share, total, joules
+        elapsed_s[n] += round_time_s[n]
+        episode_tokens[n] += share * total
+        episode_rounds[n] += 1
+        truncated[n] = elapsed_s[n] >= horizon_s
+        goodput[n] = total / round_time_s[n]
+        episode_goodput[n] = episode_tokens[n] / min(elapsed_s[n], horizon_s)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from multispin_env._jit import as_array, kernel
+
 USER_FEATURES = (
     "active",
     "spectral_eff",
@@ -55,6 +57,9 @@ _UPPER = {
     "prev_share": 10.0,
 }
 _R_REF = 10.0  # bit/s/Hz
+# placeholders for kernel inputs a flag says are not read (same dtype and rank, no copies)
+_UNUSED = np.zeros((1, 1))
+_UNUSED_BOOL = np.zeros((1, 1), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -152,28 +157,30 @@ class UserHistory:
     ) -> None:
         """Record one round. ``new_request`` marks users whose request just ended;
         ``spectral_eff_est`` is the channel estimate the round was decided on."""
-        if spectral_eff_est is not None:
-            self.spectral_eff_avg = 0.9 * self.spectral_eff_avg + 0.1 * spectral_eff_est
-        drafted = np.asarray(drafted, dtype=np.float64)
-        accepted = np.asarray(accepted, dtype=np.float64)
-        d = self.decay
-        successes = d * self.successes + accepted
-        trials = d * self.trials + accepted + (accepted < drafted)
-        accept_frac = d * self.accept_frac + (1 - d) * accepted / np.maximum(drafted, 1.0)
-        idle = drafted <= 0
-        if idle.any():  # users that did not draft keep their history
-            successes = np.where(idle, self.successes, successes)
-            trials = np.where(idle, self.trials, trials)
-            accept_frac = np.where(idle, self.accept_frac, accept_frac)
-        self.successes, self.trials, self.accept_frac = successes, trials, accept_frac
-        self.last_drafted, self.last_accepted = drafted, accepted
-        self.prev_share = np.asarray(bandwidth_share, dtype=np.float64)
-        self.last_round_time_s = np.asarray(round_time_s, dtype=np.float64)
-        if new_request is not None and np.any(new_request):
-            prior = np.asarray(alpha_prior)
-            self.successes = np.where(new_request, prior * self.prior_weight, self.successes)
-            self.trials = np.where(new_request, self.prior_weight, self.trials)
-            self.accept_frac = np.where(new_request, prior, self.accept_frac)
+        shape = self.successes.shape
+
+        has_new = new_request is not None and bool(np.any(new_request))
+        _update_history_kernel(
+            as_array(drafted, shape),
+            as_array(accepted, shape),
+            as_array(bandwidth_share, shape),
+            as_array(round_time_s, shape[:1]),
+            as_array(new_request, shape, np.bool_) if has_new else _UNUSED_BOOL,
+            as_array(alpha_prior, shape) if has_new else _UNUSED,
+            _UNUSED if spectral_eff_est is None else as_array(spectral_eff_est, shape),
+            has_new,
+            spectral_eff_est is not None,
+            float(self.decay),
+            float(self.prior_weight),
+            self.successes,
+            self.trials,
+            self.accept_frac,
+            self.last_drafted,
+            self.last_accepted,
+            self.prev_share,
+            self.spectral_eff_avg,
+            self.last_round_time_s,
+        )
 
     def rows(self, rows: np.ndarray) -> UserHistory:
         """A copy holding only the given environments (for partial observations)."""
@@ -217,33 +224,130 @@ def build_observation(
 
     K (active users) may be below ``spec.max_users``; the remaining slots are zero.
     """
-    r_hat = np.asarray(spectral_eff_est, dtype=np.float64)
+    r_hat = np.ascontiguousarray(spectral_eff_est, dtype=np.float64)
     n, k = r_hat.shape
     if k > spec.max_users:
         raise ValueError(f"{k} users do not fit the observation's max_users={spec.max_users}")
-    t_ref = spec.t_ref_s
-    upload_equal = spec.payload_bits * k / (spec.bandwidth_hz * np.maximum(r_hat, 1e-9)) / t_ref
-    l_max = spec.max_draft_length
-    n_feat = len(spec.user_features)
+    if spec.observe_true_alpha and alpha_true is None:
+        raise ValueError("observe_true_alpha is set but alpha_true was not given")
+
+    shape = (n, k)
+
     out = np.zeros((n, spec.size), dtype=np.float32)
-    per_user = out[:, : spec.max_users * n_feat].reshape(n, spec.max_users, n_feat)[:, :k]
-    per_user[..., 0] = 1.0
-    np.minimum(r_hat / _R_REF, 4.0, out=per_user[..., 1], casting="unsafe")
-    np.minimum(history.spectral_eff_avg / _R_REF, 4.0, out=per_user[..., 2], casting="unsafe")
-    np.minimum(np.asarray(t_draft_s) / t_ref, 4.0, out=per_user[..., 3], casting="unsafe")
-    np.minimum(upload_equal, 10.0, out=per_user[..., 4], casting="unsafe")
-    per_user[..., 5] = alpha_prior
-    per_user[..., 6] = history.alpha_hat
-    per_user[..., 7] = history.accept_frac
-    per_user[..., 8] = history.last_drafted / l_max
-    per_user[..., 9] = history.last_accepted / l_max
-    np.minimum(history.prev_share * k, 10.0, out=per_user[..., 10], casting="unsafe")
-    if spec.observe_true_alpha:
-        if alpha_true is None:
-            raise ValueError("observe_true_alpha is set but alpha_true was not given")
-        per_user[..., 11] = alpha_true
-    glob = out[:, spec.max_users * n_feat :]
-    glob[:, 0] = k / spec.max_users
-    glob[:, 1] = np.minimum(history.last_round_time_s / (l_max * t_ref), 10.0)
-    glob[:, 2] = np.minimum(horizon_frac, 1.0)
+    _observation_kernel(
+        r_hat,
+        as_array(history.spectral_eff_avg, shape),
+        as_array(t_draft_s, shape),
+        as_array(alpha_prior, shape),
+        as_array(history.successes, shape),
+        as_array(history.trials, shape),
+        as_array(history.accept_frac, shape),
+        as_array(history.last_drafted, shape),
+        as_array(history.last_accepted, shape),
+        as_array(history.prev_share, shape),
+        as_array(history.last_round_time_s, (n,)),
+        as_array(horizon_frac, (n,)),
+        as_array(alpha_true, shape) if spec.observe_true_alpha else _UNUSED,
+        bool(spec.observe_true_alpha),
+        int(spec.max_users),
+        len(spec.user_features),
+        float(spec.t_ref_s),
+        float(spec.payload_bits),
+        float(spec.bandwidth_hz),
+        float(spec.max_draft_length),
+        out,
+    )
     return out
+
+
+@kernel
+def _update_history_kernel(
+    drafted,
+    accepted,
+    bandwidth_share,
+    round_time_s,
+    new_request,
+    alpha_prior,
+    spectral_eff_est,
+    has_new,
+    has_estimate,
+    decay,
+    prior_weight,
+    successes,
+    trials,
+    accept_frac,
+    last_drafted,
+    last_accepted,
+    prev_share,
+    spectral_eff_avg,
+    last_round_time_s,
+):
+    """One round of :meth:`UserHistory.update`, in place. Users that did not draft keep
+    their acceptance history; users whose request ended restart from the task prior."""
+    d = decay
+    for n in range(drafted.shape[0]):
+        last_round_time_s[n] = round_time_s[n]
+        for k in range(drafted.shape[1]):
+            if has_estimate:
+                spectral_eff_avg[n, k] = 0.9 * spectral_eff_avg[n, k] + 0.1 * spectral_eff_est[n, k]
+            dr, ac = drafted[n, k], accepted[n, k]
+            if dr > 0:
+                successes[n, k] = d * successes[n, k] + ac
+                trials[n, k] = d * trials[n, k] + ac + (1.0 if ac < dr else 0.0)
+                accept_frac[n, k] = d * accept_frac[n, k] + (1 - d) * ac / max(dr, 1.0)
+            last_drafted[n, k] = dr
+            last_accepted[n, k] = ac
+            prev_share[n, k] = bandwidth_share[n, k]
+            if has_new and new_request[n, k]:
+                successes[n, k] = alpha_prior[n, k] * prior_weight
+                trials[n, k] = prior_weight
+                accept_frac[n, k] = alpha_prior[n, k]
+
+
+@kernel
+def _observation_kernel(
+    r_hat,
+    r_avg,
+    t_draft_s,
+    alpha_prior,
+    successes,
+    trials,
+    accept_frac,
+    last_drafted,
+    last_accepted,
+    prev_share,
+    last_round_time_s,
+    horizon_frac,
+    alpha_true,
+    has_true,
+    max_users,
+    n_feat,
+    t_ref,
+    payload_bits,
+    bandwidth_hz,
+    l_max,
+    out,
+):
+    """Fill ``out`` (zeros on entry) with the layout in the module docstring."""
+    k_active = r_hat.shape[1]
+    glob = max_users * n_feat
+    for n in range(r_hat.shape[0]):
+        for k in range(k_active):
+            j = k * n_feat
+            out[n, j] = 1.0
+            out[n, j + 1] = min(r_hat[n, k] / _R_REF, 4.0)
+            out[n, j + 2] = min(r_avg[n, k] / _R_REF, 4.0)
+            out[n, j + 3] = min(t_draft_s[n, k] / t_ref, 4.0)
+            upload_equal = payload_bits * k_active / (bandwidth_hz * max(r_hat[n, k], 1e-9)) / t_ref
+            out[n, j + 4] = min(upload_equal, 10.0)
+            out[n, j + 5] = alpha_prior[n, k]
+            out[n, j + 6] = successes[n, k] / max(trials[n, k], 1e-12)
+            out[n, j + 7] = accept_frac[n, k]
+            out[n, j + 8] = last_drafted[n, k] / l_max
+            out[n, j + 9] = last_accepted[n, k] / l_max
+            out[n, j + 10] = min(prev_share[n, k] * k_active, 10.0)
+            if has_true:
+                out[n, j + 11] = alpha_true[n, k]
+        out[n, glob] = k_active / max_users
+        out[n, glob + 1] = min(last_round_time_s[n] / (l_max * t_ref), 10.0)
+        out[n, glob + 2] = min(horizon_frac[n], 1.0)

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from multispin_env._jit import kernel
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 _INV_2_53 = 1.0 / 9007199254740992.0
+_ONE, _BLOCK_U = np.uint64(1), np.uint64(4096)
 
 # Named streams keep draws for different purposes independent of each other.
 STREAM_FADING_MAG = 0
@@ -35,12 +38,40 @@ STREAM_REQUEST_LEN = 5
 STREAM_REQUEST_ALPHA = 6
 STREAM_REQUEST_TASK = 7
 NUM_STREAMS = 8
+_NUM_STREAMS_U = np.uint64(NUM_STREAMS)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)
+@kernel
+def _draw_row(key, counter, stream, out):
+    """out[k] = uniform draw k of (key, counter, stream): splitmix64 element
+    ``(counter * NUM_STREAMS + stream) * 4096 + k + 1`` of the stream seeded with the key.
+    uint64 arithmetic wraps modulo 2^64, as the generator requires."""
+    base = (counter * _NUM_STREAMS_U + stream) * _BLOCK_U
+    start = key + _GOLDEN * (base + _ONE)
+    for k in range(out.shape[0]):
+        z = start + _GOLDEN * np.uint64(k)
+        z = (z ^ (z >> _S30)) * _M1
+        z = (z ^ (z >> _S27)) * _M2
+        z = z ^ (z >> _S31)
+        out[k] = (np.float64(z >> _S11) + 0.5) * _INV_2_53
+
+
+@kernel
+def _fill_uniforms(keys, counters, stream, out):
+    for i in range(out.shape[0]):
+        _draw_row(keys[i], counters[i], stream, out[i])
+
+
+@kernel
+def _fill_blocks(keys, rows, start, streams, values):
+    """values[r, b, s, :] = draws of stream ``streams[s]`` at counter start[i] + b, for
+    r = rows[i] (the RoundUniforms cache, written in place)."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for b in range(values.shape[1]):
+            counter = np.uint64(start[i] + b)
+            for s in range(streams.shape[0]):
+                _draw_row(keys[r], counter, streams[s], values[r, b, s])
 
 
 def uniforms(keys: np.ndarray, counters: np.ndarray, stream: int, num_users: int) -> np.ndarray:
@@ -52,21 +83,30 @@ def uniforms(keys: np.ndarray, counters: np.ndarray, stream: int, num_users: int
         stream: one of the ``STREAM_*`` constants.
         num_users: number of users (columns).
     """
-    keys = np.asarray(keys, dtype=np.uint64)
-    counters = np.asarray(counters, dtype=np.uint64)
-    # uint64 array arithmetic wraps modulo 2^64 silently (only numpy scalars warn)
-    base = (counters * np.uint64(NUM_STREAMS) + np.uint64(stream)) * np.uint64(4096)
-    start = keys + _GOLDEN * (base + np.uint64(1))
-    bits = _mix(start[:, None] + _user_offsets(num_users)[None, :])
-    return ((bits >> _S11).astype(np.float64) + 0.5) * _INV_2_53
+    keys = np.ascontiguousarray(keys, dtype=np.uint64).reshape(-1)
+    counters = np.ascontiguousarray(counters, dtype=np.uint64).reshape(-1)
+    out = np.empty((keys.shape[0], num_users))
+    _fill_uniforms(keys, counters, np.uint64(stream), out)
+    return out
+
+
+@kernel
+def _block_offsets(counters, start, rows, block, out) -> bool:
+    """out[i] = counters[i] - start[rows[i]]; True if any falls outside [0, block)."""
+    stale = False
+    for i in range(rows.shape[0]):
+        out[i] = counters[i] - start[rows[i]]
+        stale = stale or out[i] < 0 or out[i] >= block
+    return stale
 
 
 class RoundUniforms:
     """Per-round draws of a few streams, precomputed for blocks of rounds.
 
     ``get(stream, counters)`` returns exactly ``uniforms(keys, counters, stream, K)``, but
-    the hashing runs once per ``block`` rounds per env instead of once per call: at K = 20
-    numpy's per-call overhead, not arithmetic, is what a step costs.
+    the hashing runs once per ``block`` rounds per env instead of once per call. Kernels
+    read ``values[n, offsets[n], slot(stream), k]`` directly, with ``offsets`` from
+    :meth:`offsets`.
     """
 
     def __init__(
@@ -74,8 +114,9 @@ class RoundUniforms:
     ) -> None:
         self.streams = tuple(streams)
         self._slot = {s: i for i, s in enumerate(self.streams)}
+        self._stream_ids = np.array(self.streams, dtype=np.uint64)
         self.block, self.num_users = block, num_users
-        self._values = np.zeros((num_envs, block, len(self.streams), num_users))
+        self.values = np.zeros((num_envs, block, len(self.streams), num_users))
         self._start = np.zeros(num_envs, dtype=np.int64)
         self._keys = np.zeros(num_envs, dtype=np.uint64)
         self._rows = np.arange(num_envs)
@@ -86,36 +127,31 @@ class RoundUniforms:
         self._fill(rows, np.zeros(len(rows), dtype=np.int64))
 
     def _fill(self, rows: np.ndarray, start: np.ndarray) -> None:
-        counters = (start[:, None] + np.arange(self.block)[None, :]).ravel()
-        keys = np.repeat(self._keys[rows], self.block)
-        for slot, stream in enumerate(self.streams):
-            u = uniforms(keys, counters, stream, self.num_users)
-            self._values[rows, :, slot, :] = u.reshape(len(rows), self.block, self.num_users)
+        rows = np.asarray(rows, dtype=np.int64)
+        start = np.asarray(start, dtype=np.int64)
+        _fill_blocks(self._keys, rows, start, self._stream_ids, self.values)
         self._start[rows] = start
 
-    def get(self, stream: int, counters: np.ndarray, rows: np.ndarray | None = None):
-        """Draws ``(len(rows), K)`` of ``stream`` at ``counters`` (one per env in rows)."""
-        all_rows = rows is None
-        rows = self._rows if all_rows else rows
-        offset = counters - (self._start if all_rows else self._start[rows])
-        if offset.min() < 0 or offset.max() >= self.block:
+    def slot(self, stream: int) -> int:
+        """Index of ``stream`` on the third axis of ``values`` (-1 if not precomputed)."""
+        return self._slot.get(stream, -1)
+
+    def offsets(self, counters: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Block offsets of ``counters`` (one per env in ``rows``, default all), refilling
+        the blocks of envs whose counter left their block."""
+        rows = self._rows if rows is None else np.asarray(rows, dtype=np.int64)
+        counters = np.asarray(counters, dtype=np.int64)
+        offset = np.empty(len(rows), dtype=np.int64)
+        if _block_offsets(counters, self._start, rows, self.block, offset):
             stale = (offset < 0) | (offset >= self.block)
             self._fill(rows[stale], counters[stale])
             offset = counters - self._start[rows]
-        return self._values[rows, offset, self._slot[stream]]
+        return offset
 
-
-_OFFSETS: dict[int, np.ndarray] = {}
-
-
-def _user_offsets(num_users: int) -> np.ndarray:
-    """golden * k for k < num_users (cached: the same few K are used all the time)."""
-    offsets = _OFFSETS.get(num_users)
-    if offsets is None:
-        with np.errstate(over="ignore"):
-            offsets = _GOLDEN * np.arange(num_users, dtype=np.uint64)
-        _OFFSETS[num_users] = offsets
-    return offsets
+    def get(self, stream: int, counters: np.ndarray, rows: np.ndarray | None = None):
+        """Draws ``(len(rows), K)`` of ``stream`` at ``counters`` (one per env in rows)."""
+        offset = self.offsets(counters, rows)
+        return self.values[self._rows if rows is None else rows, offset, self._slot[stream]]
 
 
 _KEY_HIGH = np.iinfo(np.int64).max
@@ -124,3 +160,11 @@ _KEY_HIGH = np.iinfo(np.int64).max
 def new_keys(rng: np.random.Generator, count: int) -> np.ndarray:
     """Fresh per-environment keys drawn from a seeded generator."""
     return rng.integers(0, _KEY_HIGH, size=count, dtype=np.int64).astype(np.uint64)
+
+
+def keys_from(rngs) -> np.ndarray:
+    """One key from each generator, equal to ``new_keys(rng, 1)`` of each (a scalar draw
+    consumes a generator exactly as a draw of size 1), without a numpy call per env."""
+    return np.array(
+        [rng.integers(0, _KEY_HIGH, dtype=np.int64) for rng in rngs], dtype=np.int64
+    ).astype(np.uint64)

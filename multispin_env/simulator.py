@@ -19,9 +19,10 @@ import numpy as np
 from scipy.special import betaincinv
 
 from multispin_env import rng as crng
+from multispin_env._jit import kernel
 from multispin_env.config import ScenarioConfig
-from multispin_env.physics import spectral_efficiency
 from multispin_env.types import RoundResult
+from multispin_env.verification import padded_batch_latency_s
 
 _EPISODE_COUNTER = np.uint64(1 << 40)  # counter slot for per-episode draws, above any round
 _ALPHA_CLIP = (1e-3, 1.0 - 1e-6)
@@ -93,6 +94,8 @@ class MultiSpinSimulator:
         if config.csi_error_std > 0:
             round_streams += (crng.STREAM_FADING_PHASE, crng.STREAM_CSI_MAG, crng.STREAM_CSI_PHASE)
         self._round_uniforms = crng.RoundUniforms(self.num_envs, self.num_users, round_streams)
+        self._all_rows = np.arange(self.num_envs)
+        self._verification_coefficients = tuple(float(c) for c in self.verification.coefficients)
         self._has_reset = False
 
     # ------------------------------------------------------------------ reset
@@ -137,64 +140,55 @@ class MultiSpinSimulator:
         cfg, k = self.config, self.num_users
         if not mask.any():
             return
-        u_task = crng.uniforms(self.keys[ids], counters, crng.STREAM_REQUEST_TASK, k)
-        task = np.searchsorted(self._task_cdf, u_task, side="right").clip(
-            0, len(self._task_cdf) - 1
-        )
+        keys = self.keys[ids]
+
+        def draws(stream):  # only the users starting a request (Beta quantiles are costly)
+            return crng.uniforms(keys, counters, stream, k)[mask]
+
+        task = np.searchsorted(self._task_cdf, draws(crng.STREAM_REQUEST_TASK), side="right")
+        task = task.clip(0, len(self._task_cdf) - 1)
         alpha_mean = self._task_alpha[task]
         if cfg.per_request_acceptance:
-            u_alpha = crng.uniforms(self.keys[ids], counters, crng.STREAM_REQUEST_ALPHA, k)
+            u_alpha = draws(crng.STREAM_REQUEST_ALPHA)
             alpha = betaincinv(self._task_beta_a[task], self._task_beta_b[task], u_alpha)
             alpha = np.clip(alpha, *_ALPHA_CLIP)
         else:
             alpha = alpha_mean
         if cfg.request_length_tokens > 0:
-            u_len = crng.uniforms(self.keys[ids], counters, crng.STREAM_REQUEST_LEN, k)
-            length = _geometric_length(u_len, cfg.request_length_tokens)
+            length = _geometric_length(draws(crng.STREAM_REQUEST_LEN), cfg.request_length_tokens)
         else:
-            length = np.full((len(ids), k), np.inf)
-        rows = ids[:, None]
-        cols = np.broadcast_to(np.arange(k), mask.shape)
-        sel_r, sel_c = np.broadcast_to(rows, mask.shape)[mask], cols[mask]
-        self.task[sel_r, sel_c] = task[mask]
-        self.task_alpha_mean[sel_r, sel_c] = alpha_mean[mask]
-        self.alpha[sel_r, sel_c] = alpha[mask]
-        self._log_alpha[sel_r, sel_c] = np.log(alpha[mask])
-        self.remaining_tokens[sel_r, sel_c] = length[mask]
+            length = np.inf
+        sel_r = np.broadcast_to(ids[:, None], mask.shape)[mask]
+        sel_c = np.broadcast_to(np.arange(k), mask.shape)[mask]
+        self.task[sel_r, sel_c] = task
+        self.task_alpha_mean[sel_r, sel_c] = alpha_mean
+        self.alpha[sel_r, sel_c] = alpha
+        self._log_alpha[sel_r, sel_c] = np.log(alpha)
+        self.remaining_tokens[sel_r, sel_c] = length
 
     def _draw_channels(self, ids: np.ndarray | None = None) -> None:
         """True gain and server estimate for the coming round of envs ``ids`` (None = all)."""
         cfg = self.config
-        sel = slice(None) if ids is None else ids  # a slice avoids fancy-indexing copies
-        counters = self.round_index[sel]
-        draw = self._round_uniforms.get
-        mean_gain = self.mean_gain[sel]
-        if cfg.rayleigh_fading:
-            power = -np.log(draw(crng.STREAM_FADING_MAG, counters, ids))  # |h|^2/H_bar ~ Exp(1)
-        else:
-            power = np.ones_like(mean_gain)
-        gain = mean_gain * power
-        if cfg.csi_error_std > 0:
-            u_phase = draw(crng.STREAM_FADING_PHASE, counters, ids)
-            u_emag = draw(crng.STREAM_CSI_MAG, counters, ids)
-            u_ephase = draw(crng.STREAM_CSI_PHASE, counters, ids)
-            h = np.sqrt(gain) * np.exp(2j * np.pi * u_phase)
-            e = (
-                cfg.csi_error_std
-                * np.sqrt(-mean_gain * np.log(u_emag))
-                * np.exp(2j * np.pi * u_ephase)
-            )
-            estimate = np.abs(h + e) ** 2
-        else:
-            estimate = gain
-        self.gain[sel] = gain
-        self.gain_estimate[sel] = estimate
-        # cached: the policy, the observation and the round all read them every step
-        p, n0 = cfg.tx_power_w, cfg.noise_power_w
-        r = spectral_efficiency(p, gain, n0)
-        self.spectral_eff[sel] = r
-        self.spectral_eff_estimate[sel] = (
-            r if estimate is gain else spectral_efficiency(p, estimate, n0)
+        ru = self._round_uniforms
+        rows = self._all_rows if ids is None else np.asarray(ids, dtype=np.int64)
+        offsets = ru.offsets(self.round_index[rows], None if ids is None else rows)
+        _draw_channels_kernel(
+            rows,
+            ru.values,
+            offsets,
+            ru.slot(crng.STREAM_FADING_MAG),
+            ru.slot(crng.STREAM_FADING_PHASE),
+            ru.slot(crng.STREAM_CSI_MAG),
+            ru.slot(crng.STREAM_CSI_PHASE),
+            bool(cfg.rayleigh_fading),
+            float(cfg.csi_error_std),
+            float(cfg.tx_power_w),
+            float(cfg.noise_power_w),
+            self.mean_gain,
+            self.gain,
+            self.gain_estimate,
+            self.spectral_eff,
+            self.spectral_eff_estimate,
         )
 
     # ------------------------------------------------------------------ step
@@ -240,33 +234,43 @@ class MultiSpinSimulator:
         if validate:
             self.validate_allocation(lengths, bw)
         cfg = self.config
-        active = lengths > 0
-        lf = lengths.astype(np.float64)
-
-        t_draft = lf * self.t_draft_s
-        # idle users have L = 0 and so no upload time; validated active users have B_k > 0
-        t_upload = lf * (self.payload_bits / np.maximum(bw * self.spectral_eff, 1e-300))
-        finish = t_draft + t_upload
-        t_ma = finish.max(axis=-1)
-        straggler = finish.argmax(axis=-1)
-        t_ver = self.verification.latency_s(lengths)
-        round_time = t_ma + t_ver
-
-        u_acc = self._round_uniforms.get(crng.STREAM_ACCEPT, self.round_index)
-        # P(accepted >= j) = alpha^j: a truncated geometric via inverse CDF.
-        accepted = np.minimum(np.floor(np.log(u_acc) / self._log_alpha), lf).astype(np.int64)
-        committed = accepted + active
-        # Eq. (12); alpha < 1 always (task means are validated, Beta draws clipped)
-        exp_tokens = active * (1.0 - self.alpha ** (lf + 1.0)) / (1.0 - self.alpha)
-
-        if self._finite_requests:
-            committed = np.minimum(committed, self.remaining_tokens).astype(np.int64)
-            self.remaining_tokens = self.remaining_tokens - committed
-            done = self.remaining_tokens <= 0
-        else:
-            done = np.zeros((n, k), dtype=bool)
-
-        energy = lf * cfg.draft_energy_j_per_token + cfg.tx_power_w * t_upload
+        shape = (n, k)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        bw = np.ascontiguousarray(bw)
+        accepted = np.empty(shape, dtype=np.int64)
+        committed = np.empty(shape, dtype=np.int64)
+        exp_tokens, t_draft, t_upload, energy = (np.empty(shape) for _ in range(4))
+        t_ver, round_time = np.empty(n), np.empty(n)
+        straggler = np.empty(n, dtype=np.int64)
+        done = np.zeros(shape, dtype=bool)
+        ru = self._round_uniforms
+        any_done = _play_round_kernel(
+            lengths,
+            bw,
+            self.t_draft_s,
+            self.spectral_eff,
+            self.payload_bits,
+            *self._verification_coefficients,
+            ru.values,
+            ru.offsets(self.round_index),
+            ru.slot(crng.STREAM_ACCEPT),
+            self._log_alpha,
+            self.alpha,
+            self.remaining_tokens,
+            self._finite_requests,
+            float(cfg.draft_energy_j_per_token),
+            float(cfg.tx_power_w),
+            accepted,
+            committed,
+            exp_tokens,
+            t_draft,
+            t_upload,
+            energy,
+            t_ver,
+            round_time,
+            straggler,
+            done,
+        )
         result = RoundResult(
             drafted=lengths,
             accepted=accepted,
@@ -281,7 +285,7 @@ class MultiSpinSimulator:
             request_done=done,
         )
         self.round_index += 1
-        if done.any():
+        if any_done:
             rows = np.flatnonzero(done.any(axis=-1))
             self._start_requests(rows, self.round_index[rows].astype(np.uint64), done[rows])
         self._draw_channels()
@@ -294,3 +298,121 @@ def _geometric_length(u: np.ndarray, mean_tokens: float) -> np.ndarray:
         return np.ones_like(u)
     p_stop = 1.0 / mean_tokens
     return 1.0 + np.floor(np.log(u) / np.log1p(-p_stop))
+
+
+@kernel
+def _draw_channels_kernel(
+    rows,
+    values,
+    offsets,
+    slot_mag,
+    slot_phase,
+    slot_err_mag,
+    slot_err_phase,
+    rayleigh,
+    csi_error_std,
+    tx_power_w,
+    noise_power_w,
+    mean_gain,
+    gain,
+    gain_estimate,
+    spectral_eff,
+    spectral_eff_estimate,
+):
+    """Fading and CSI of the coming round for envs ``rows`` (written in place).
+
+    |h|^2 / H_bar ~ Exp(1) (Rayleigh) by inverse CDF; the estimate is |h + e|^2 with
+    e ~ CN(0, csi_error_std^2 H_bar); r = log2(1 + p H / N0) (Eq. 8) for both.
+    """
+    for i in range(rows.shape[0]):
+        n, o = rows[i], offsets[i]
+        for k in range(mean_gain.shape[1]):
+            h_bar = mean_gain[n, k]
+            power = -np.log(values[n, o, slot_mag, k]) if rayleigh else 1.0
+            g = h_bar * power
+            estimate = g
+            if csi_error_std > 0:
+                # |h + e|^2 = |h|^2 + |e|^2 + 2 |h| |e| cos(phase_h - phase_e): one cosine
+                # instead of two complex exponentials
+                e2 = csi_error_std**2 * (-h_bar * np.log(values[n, o, slot_err_mag, k]))
+                dphase = values[n, o, slot_phase, k] - values[n, o, slot_err_phase, k]
+                cross = 2.0 * np.sqrt(g * e2) * np.cos(2.0 * np.pi * dphase)
+                estimate = max(g + e2 + cross, 0.0)
+            gain[n, k] = g
+            gain_estimate[n, k] = estimate
+            r = np.log2(1.0 + tx_power_w * g / noise_power_w)
+            spectral_eff[n, k] = r
+            if csi_error_std > 0:
+                r = np.log2(1.0 + tx_power_w * estimate / noise_power_w)
+            spectral_eff_estimate[n, k] = r
+
+
+@kernel
+def _play_round_kernel(
+    lengths,
+    bandwidth_hz,
+    t_draft_per_token_s,
+    spectral_eff,
+    payload_bits,
+    t_fix_s,
+    t_user_s,
+    t_token_s,
+    values,
+    offsets,
+    slot_accept,
+    log_alpha,
+    alpha,
+    remaining_tokens,
+    finite_requests,
+    draft_energy_j_per_token,
+    tx_power_w,
+    accepted,
+    committed,
+    expected_tokens,
+    t_draft_s,
+    t_upload_s,
+    energy_j,
+    t_verify_s,
+    round_time_s,
+    straggler,
+    done,
+):
+    """One round in every env; see the module docstring for the steps. Outputs in place;
+    returns whether any request finished."""
+    any_done = False
+    padded_batch_latency_s(lengths, t_fix_s, t_user_s, t_token_s, t_verify_s)
+    for n in range(lengths.shape[0]):
+        o = offsets[n]
+        slowest, who = 0.0, -1
+        for k in range(lengths.shape[1]):
+            lf = np.float64(lengths[n, k])
+            active = lengths[n, k] > 0
+            t_d = lf * t_draft_per_token_s[n, k]
+            # idle users have L = 0 and so no upload time; validated active users have B_k > 0
+            t_u = lf * (payload_bits / max(bandwidth_hz[n, k] * spectral_eff[n, k], 1e-300))
+            finish = t_d + t_u
+            if active and (who < 0 or finish > slowest):
+                slowest, who = finish, k
+            # P(accepted >= j) = alpha^j: a truncated geometric via inverse CDF
+            acc = np.floor(np.log(values[n, o, slot_accept, k]) / log_alpha[n, k])
+            acc_tokens = np.int64(min(acc, lf))
+            kept = acc_tokens + (1 if active else 0)
+            if finite_requests:
+                kept = np.int64(min(np.float64(kept), remaining_tokens[n, k]))
+                remaining_tokens[n, k] -= kept
+                done[n, k] = remaining_tokens[n, k] <= 0
+                any_done = any_done or done[n, k]
+            # Eq. (12) with 1 - alpha^(L+1) = -expm1((L+1) ln alpha): ln alpha is cached, and
+            # expm1 keeps precision for alpha near 1 (alpha < 1 always: task means are
+            # validated, Beta draws clipped)
+            expected_tokens[n, k] = (
+                -np.expm1((lf + 1.0) * log_alpha[n, k]) / (1.0 - alpha[n, k]) if active else 0.0
+            )
+            accepted[n, k] = acc_tokens
+            committed[n, k] = kept
+            t_draft_s[n, k] = t_d
+            t_upload_s[n, k] = t_u
+            energy_j[n, k] = lf * draft_energy_j_per_token + tx_power_w * t_u
+        straggler[n] = who
+        round_time_s[n] = slowest + t_verify_s[n]
+    return any_done

@@ -70,7 +70,7 @@ class MultiSpinVectorEnv(VectorEnv):
         for i, s in enumerate(seeds):
             if s is not None:
                 self._rngs[i] = seeding.np_random(s)[0]
-        keys = np.concatenate([crng.new_keys(r, 1) for r in self._rngs])
+        keys = crng.keys_from(self._rngs)
         self._episodes.reset(keys, self._all)
         self._needs_reset = False
         return self._episodes.observe(), {}
@@ -90,7 +90,7 @@ class MultiSpinVectorEnv(VectorEnv):
                 "episode_goodput_tokens_per_s": summary["episode_goodput_tokens_per_s"].copy(),
                 "_episode_goodput_tokens_per_s": truncated.copy(),
             }
-            keys = np.concatenate([crng.new_keys(self._rngs[i], 1) for i in done])
+            keys = crng.keys_from(self._rngs[i] for i in done)
             self._episodes.reset(keys, done)
             obs[done] = self._episodes.observe(done)
         return obs, rewards, terminated, truncated, infos

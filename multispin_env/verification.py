@@ -13,11 +13,44 @@ from typing import Protocol
 
 import numpy as np
 
+from multispin_env._jit import kernel
+
 
 class VerificationModel(Protocol):
+    coefficients: tuple[float, float, float]
+
     def latency_s(self, draft_lengths: np.ndarray) -> np.ndarray: ...
 
     def latency_for_batch_s(self, num_users: int, max_draft_length: int) -> float: ...
+
+
+@kernel
+def padded_batch_latency_s(draft_lengths, t_fix_s, t_user_s, t_token_s, out) -> None:
+    """out[n] = t_fix + B t_user + t_token B (max_k L + 1), B = users with L > 0 in row n,
+    and 0 for an empty batch. Both models below are this law (affine: t_token = 0); the
+    simulator's round kernel calls it too."""
+    for n in range(draft_lengths.shape[0]):
+        batch, longest = 0, 0
+        for k in range(draft_lengths.shape[1]):
+            length = draft_lengths[n, k]
+            if length > 0:
+                batch += 1
+            longest = max(longest, length)
+        if batch > 0:
+            out[n] = t_fix_s + batch * t_user_s + t_token_s * batch * (longest + 1)
+        else:
+            out[n] = 0.0
+
+
+def _latency(draft_lengths, coefficients: tuple[float, float, float]) -> np.ndarray:
+    lengths = np.asarray(draft_lengths)
+    if not np.issubdtype(lengths.dtype, np.integer) and np.any(lengths != np.round(lengths)):
+        raise ValueError("draft_lengths must be whole numbers of tokens")
+    lead = lengths.shape[:-1]
+    rows = np.ascontiguousarray(lengths.reshape(-1, lengths.shape[-1]), dtype=np.int64)
+    out = np.empty(rows.shape[0])
+    padded_batch_latency_s(rows, *coefficients, out)
+    return out.reshape(lead) if lead else out[0]
 
 
 def _check_nonnegative(name: str, value: float) -> None:
@@ -41,9 +74,13 @@ class AffineVerification:
         _check_nonnegative("t_fix_s", self.t_fix_s)
         _check_nonnegative("t_lin_s", self.t_lin_s)
 
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """(t_fix_s, t_user_s, t_token_s) of the padded-batch law."""
+        return (self.t_fix_s, self.t_lin_s, 0.0)
+
     def latency_s(self, draft_lengths: np.ndarray) -> np.ndarray:
-        batch = (np.asarray(draft_lengths) > 0).sum(axis=-1)
-        return np.where(batch > 0, self.t_fix_s + batch * self.t_lin_s, 0.0)
+        return _latency(draft_lengths, self.coefficients)
 
     def latency_for_batch_s(self, num_users: int, max_draft_length: int) -> float:
         return self.t_fix_s + num_users * self.t_lin_s if num_users > 0 else 0.0
@@ -73,12 +110,13 @@ class TokenAwareVerification:
         _check_nonnegative("t_user_s", self.t_user_s)
         _check_nonnegative("t_token_s", self.t_token_s)
 
+    @property
+    def coefficients(self) -> tuple[float, float, float]:
+        """(t_fix_s, t_user_s, t_token_s) of the padded-batch law."""
+        return (self.t_fix_s, self.t_user_s, self.t_token_s)
+
     def latency_s(self, draft_lengths: np.ndarray) -> np.ndarray:
-        lengths = np.asarray(draft_lengths)
-        batch = (lengths > 0).sum(axis=-1)
-        padded = lengths.max(axis=-1) + 1
-        t = self.t_fix_s + batch * self.t_user_s + self.t_token_s * batch * padded
-        return np.where(batch > 0, t, 0.0)
+        return _latency(draft_lengths, self.coefficients)
 
     def latency_for_batch_s(self, num_users: int, max_draft_length: int) -> float:
         if num_users <= 0:
