@@ -5,7 +5,7 @@
 Each configuration starts the edge server and real device processes on loopback, runs the
 Hete scheduler, and reports per round: the straggler's drafting compute and uplink time, the
 batched verification time, the timeline round time and the wall-clock round time, then
-goodput on both clocks. Verification is measured on this host's CPU.
+goodput on both clocks. Verification is measured on this host (`--device cuda`: on its GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--scheduler", default="hete")
     p.add_argument("--model", default=None)
+    p.add_argument("--device", default="cpu", help="torch device of the models: cpu or cuda")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
     rows = []
@@ -34,6 +35,7 @@ def main(argv=None) -> list[dict]:
             scheduler=a.scheduler,
             rounds=a.rounds,
             model=a.model,
+            device=a.device,
             round_timeout_s=30.0,
             trace=f"/tmp/bench_live_{users}.jsonl",
         )

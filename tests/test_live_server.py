@@ -316,3 +316,35 @@ def test_schedulers_can_read_the_env_observation(pair):
         np.testing.assert_allclose(users[:2, f - 3] * 6, 3)  # last drafted = 3 of L_max 6
 
     asyncio.run(scenario())
+
+
+def test_stop_closes_every_connection_so_it_cannot_hang(pair):
+    """Regression: the server left connections half-open after a device's bye, and on
+    Python >= 3.12 ``Server.wait_closed()`` waits for them, so ``stop()`` hung (seen on a
+    Python 3.12 machine). Every server-side transport must be closed, whatever the version."""
+    _, verifier = pair
+
+    async def scenario():
+        server = _server(verifier)
+        port = await server.start()
+        polite, polite_w = await _raw(port)
+        silent, silent_w = await _raw(port)
+        for device_id, w in (("polite", polite_w), ("silent", silent_w)):
+            hello = proto.message(
+                "hello", device_id=device_id, prompt=[3], speed_factor=1.0, mean_gain=0.3
+            )
+            await proto.send_message(w, hello)
+        assert (await proto.read_message(polite))["type"] == "welcome"
+        assert (await proto.read_message(silent))["type"] == "welcome"
+        server_side = list(server._connections)
+        assert len(server_side) == 2
+        await proto.send_message(polite_w, proto.message("bye"))  # leaves; "silent" stays
+        await asyncio.wait_for(server.stop(grace_s=0.5), timeout=5.0)
+        assert all(w.is_closing() for w in server_side)
+        assert not server._connections
+        await asyncio.wait_for(silent.read(), timeout=5.0)  # bye, then the server hangs up
+        assert silent.at_eof()
+        for w in (polite_w, silent_w):
+            w.close()
+
+    asyncio.run(scenario())

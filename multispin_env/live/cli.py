@@ -154,7 +154,7 @@ async def run_live(args) -> dict:
                 kept_vocab=args.kept_vocab,
                 seed=args.seed + i,
                 hf_model=args.hf_drafter,
-                device=args.device,
+                device=args.drafter_device,
             )
         )
     try:
@@ -222,7 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
     p.add_argument("--hf-drafter", default=None, help="local Hugging Face drafter folder")
     p.add_argument("--hf-verifier", default=None, help="local Hugging Face verifier folder")
-    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument(
+        "--device", default="cpu", help="torch device of the server's verifier: cpu or cuda"
+    )
+    p.add_argument(
+        "--drafter-device",
+        default="cpu",
+        help="torch device of the device processes' drafters (user equipment: cpu by default)",
+    )
     p.add_argument(
         "--scenario",
         default="paper-llama2",

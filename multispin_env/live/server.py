@@ -123,6 +123,7 @@ class EdgeServer:
         self._inbox: dict[str, dict] = {}
         self._arrived = asyncio.Event()
         self._server = None
+        self._connections: set = set()  # server-side stream writers of open connections
         self.port = None
 
     # ---------------------------------------------------------------- connections
@@ -142,9 +143,16 @@ class EdgeServer:
         deadline = time.perf_counter() + grace_s
         while self.connected and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)  # devices close their side after bye
+        for writer in list(self._connections):  # devices that did not leave in time
+            writer.close()
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            # Python >= 3.12 waits here until every connection is closed (hence the closes
+            # above and in _handle); the timeout keeps a stuck transport from hanging stop()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), timeout=grace_s)
+            except asyncio.TimeoutError:
+                pass
 
     @property
     def connected(self) -> list[_User]:
@@ -161,6 +169,7 @@ class EdgeServer:
 
     async def _handle(self, reader, writer) -> None:
         user = None
+        self._connections.add(writer)
         try:
             hello = await proto.read_message(reader)
             if hello["type"] != "hello":
@@ -207,6 +216,10 @@ class EdgeServer:
         except proto.ProtocolError as err:
             await self._reply_error(writer, "bad_message", str(err))
         finally:
+            # close our side too: a peer's EOF alone leaves the transport half-open, and on
+            # Python >= 3.12 Server.wait_closed() waits for it (stop() hung there)
+            writer.close()
+            self._connections.discard(writer)
             if user is not None and user.writer is writer:
                 user.writer = None  # disconnected: dropped from rounds, record kept
                 self._expected.discard(user.device_id)
