@@ -20,7 +20,10 @@ import numpy as np
 
 def kernel(fn):
     """Compile ``fn`` as a core kernel (no Python objects inside; see module docstring)."""
-    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+    try:
+        return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+    except RuntimeError:  # no writable cache location (read-only install and home): compile
+        return numba.njit(cache=False, nogil=True, error_model="numpy")(fn)  # every run
 
 
 def as_array(x, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
