@@ -1,7 +1,7 @@
 """multispin_env: the Multi-SPIN system model (RL-agnostic core) and its Gymnasium layer.
 
-Core modules (no gymnasium import, enforced by tests/test_env.py): ``allocation``,
-``config``, ``observation``, ``physics``, ``rng``, ``simulator``, ``types``,
+Core modules (no gymnasium import, enforced by tests/test_env.py): ``_jit``,
+``allocation``, ``config``, ``observation``, ``physics``, ``rng``, ``simulator``, ``types``,
 ``verification``. Env layer: ``action_codec``, ``episodes``, ``env``, ``vector_env``,
 ``registration``, ``render``. Importing the package registers the ``multispin/...`` ids.
 """

@@ -18,6 +18,7 @@ from multispin_env.vector_env import MultiSpinVectorEnv, make_sb3_vec_env
 
 F = len(USER_FEATURES)  # per-user features in an observation
 CORE = (
+    "_jit",
     "allocation",
     "config",
     "observation",
