@@ -84,8 +84,9 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     return HFCausalLM(model), model
 
 
-def time_forward(model, device: str, users: int, length: int, context: int, reps: int) -> float:
-    """Median seconds of the bare padded forward of ``users x (length + 1)`` tokens."""
+def _prefilled(model, device: str, users: int, length: int, context: int):
+    """(cache keyword, new tokens ``(users, length + 1)``, per-layer (keys, values) of a
+    ``context``-token prefill): the inputs of one timed verification forward."""
     import inspect
 
     from transformers import DynamicCache
@@ -98,9 +99,17 @@ def time_forward(model, device: str, users: int, length: int, context: int, reps
     new = torch.randint(1, vocab, (users, length + 1), generator=gen).to(device)
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True, **{key: DynamicCache()})
-        full = getattr(out, "cache", None) or out.past_key_values
-        layers = [(layer.keys, layer.values) for layer in full.layers]
-        times = []
+    full = getattr(out, "cache", None) or out.past_key_values
+    return key, new, [(layer.keys, layer.values) for layer in full.layers]
+
+
+def time_forward(model, device: str, users: int, length: int, context: int, reps: int) -> float:
+    """Median seconds of the bare padded forward of ``users x (length + 1)`` tokens."""
+    from transformers import DynamicCache
+
+    key, new, layers = _prefilled(model, device, users, length, context)
+    times = []
+    with torch.no_grad():
         for i in range(reps + 2):
             cache = DynamicCache(ddp_cache_data=layers)  # appending makes new tensors
             _sync(device)
@@ -120,19 +129,10 @@ def time_forward_graph(
     where capture is not possible (CPU, or a model that syncs with the host)."""
     if not device.startswith("cuda"):
         return None
-    import inspect
-
     from transformers import DynamicCache
 
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(users * 100 + length)
-    prompt = torch.randint(1, vocab, (users, context), generator=gen).to(device)
-    new = torch.randint(1, vocab, (users, length + 1), generator=gen).to(device)
+    key, new, layers = _prefilled(model, device, users, length, context)
     with torch.no_grad():
-        out = model(input_ids=prompt, use_cache=True, **{key: DynamicCache()})
-        full = getattr(out, "cache", None) or out.past_key_values
-        layers = [(layer.keys, layer.values) for layer in full.layers]
 
         def step():
             return model(
