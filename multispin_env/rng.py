@@ -1,7 +1,7 @@
 """Counter-based random numbers, vectorised over environments and users.
 
 Why not one ``numpy.random.Generator`` per environment: the batched env steps N environments
-in one numpy call, and N generators would mean a Python loop per step (too slow at N=256),
+in one kernel call, and N generators would mean a Python loop per step (too slow at N=256),
 while one shared generator would make env n's stream depend on N. A counter-based generator
 (as in JAX/Philox) makes every draw a pure function of (key, round, stream, user): the
 scalar env and env n of the batched env draw the very same numbers given the same key, and

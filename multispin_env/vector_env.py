@@ -1,4 +1,4 @@
-"""Native batched environments: numpy over N envs in one call, no per-env Python loop.
+"""Native batched environments: one kernel pass over N envs per step, no per-env Python loop.
 
 - :class:`MultiSpinVectorEnv` is a ``gymnasium.vector.VectorEnv`` (the registered
   ``vector_entry_point``) with same-step autoreset: a finished env is reset inside the
@@ -27,7 +27,7 @@ from multispin_env.episodes import BatchedEpisodes, EnvOptions
 
 
 class MultiSpinVectorEnv(VectorEnv):
-    """N independent Multi-SPIN envs stepped as one numpy computation.
+    """N independent Multi-SPIN envs stepped together by the same kernels as the scalar env.
 
     Same arguments as :class:`~multispin_env.env.MultiSpinEnv`, plus ``num_envs``.
     Info values are arrays over envs (per-user ones ``(N, K)``).
