@@ -158,7 +158,6 @@ class UserHistory:
         """Record one round. ``new_request`` marks users whose request just ended;
         ``spectral_eff_est`` is the channel estimate the round was decided on."""
         shape = self.successes.shape
-
         has_new = new_request is not None and bool(np.any(new_request))
         _update_history_kernel(
             as_array(drafted, shape),
