@@ -96,6 +96,19 @@ class MultiSpinSimulator:
         self._round_uniforms = crng.RoundUniforms(self.num_envs, self.num_users, round_streams)
         self._all_rows = np.arange(self.num_envs)
         self._verification_coefficients = tuple(float(c) for c in self.verification.coefficients)
+        # constant kernel arguments, looked up once instead of every round
+        ru = self._round_uniforms
+        self._accept_slot = ru.slot(crng.STREAM_ACCEPT)
+        self._channel_params = (
+            ru.slot(crng.STREAM_FADING_MAG),
+            ru.slot(crng.STREAM_FADING_PHASE),
+            ru.slot(crng.STREAM_CSI_MAG),
+            ru.slot(crng.STREAM_CSI_PHASE),
+            bool(config.rayleigh_fading),
+            float(config.csi_error_std),
+            float(config.tx_power_w),
+            float(config.noise_power_w),
+        )
         self._has_reset = False
 
     # ------------------------------------------------------------------ reset
@@ -168,7 +181,6 @@ class MultiSpinSimulator:
 
     def _draw_channels(self, ids: np.ndarray | None = None) -> None:
         """True gain and server estimate for the coming round of envs ``ids`` (None = all)."""
-        cfg = self.config
         ru = self._round_uniforms
         rows = self._all_rows if ids is None else np.asarray(ids, dtype=np.int64)
         offsets = ru.offsets(self.round_index[rows], None if ids is None else rows)
@@ -176,14 +188,7 @@ class MultiSpinSimulator:
             rows,
             ru.values,
             offsets,
-            ru.slot(crng.STREAM_FADING_MAG),
-            ru.slot(crng.STREAM_FADING_PHASE),
-            ru.slot(crng.STREAM_CSI_MAG),
-            ru.slot(crng.STREAM_CSI_PHASE),
-            bool(cfg.rayleigh_fading),
-            float(cfg.csi_error_std),
-            float(cfg.tx_power_w),
-            float(cfg.noise_power_w),
+            *self._channel_params,
             self.mean_gain,
             self.gain,
             self.gain_estimate,
@@ -253,7 +258,7 @@ class MultiSpinSimulator:
             *self._verification_coefficients,
             ru.values,
             ru.offsets(self.round_index),
-            ru.slot(crng.STREAM_ACCEPT),
+            self._accept_slot,
             self._log_alpha,
             self.alpha,
             self.remaining_tokens,
