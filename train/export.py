@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from multispin_agents.bundle import BUNDLE_FORMAT, PolicyBundle
+from multispin_agents.bundle import (
+    BUNDLE_FORMAT,
+    METADATA_KEY,
+    PolicyBundle,
+    canonical_json,
+    contract_of,
+    integrity_sha256,
+    validate_sidecar,
+)
 
 
 class DeterministicActor(nn.Module):
@@ -110,16 +119,17 @@ def export_run(
     observations, env = _reference_observations(env_id, env_kwargs, parity_samples)
     actor = DeterministicActor(model, obs_norm).eval()
     example = torch.as_tensor(observations[:1])
+    buffer = io.BytesIO()
     torch.onnx.export(
         actor,
         (example,),
-        str(out / "policy.onnx"),
+        buffer,
         input_names=["observation"],
         output_names=["action"],
         dynamic_axes={"observation": {0: "batch"}, "action": {0: "batch"}},
         dynamo=False,
     )
-    onnx_bytes = (out / "policy.onnx").read_bytes()
+    graph = buffer.getvalue()
     import onnx
     import onnxruntime
     import stable_baselines3
@@ -135,9 +145,8 @@ def export_run(
         "max_draft_length": env.config.max_draft_length,
         "observation_size": int(observations.shape[1]),
         "action_size": int(np.prod(env.action_space.shape) or 1),
-        "feature_names": env.feature_names,
+        "feature_names": list(env.feature_names),
         "config_sha256": hashlib.sha256((run_dir / "config.json").read_bytes()).hexdigest(),
-        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "versions": {
             "torch": torch.__version__,
             "onnx": onnx.__version__,
@@ -145,28 +154,55 @@ def export_run(
             "stable_baselines3": stable_baselines3.__version__,
         },
     }
-    (out / "policy.json").write_text(json.dumps(meta, indent=2))
-    bundle = PolicyBundle(out)
+    bundle = write_bundle(out, graph, meta)
     normed = obs_norm.normalize_obs(observations) if obs_norm is not None else observations
     reference, _ = model.predict(normed, deterministic=True)
     got = bundle.act(observations)
-    parity = float(np.max(np.abs(got.reshape(reference.shape) - reference)))
+    meta["parity_max_abs_diff"] = float(np.max(np.abs(got.reshape(reference.shape) - reference)))
+    meta["decision_latency_us"] = decision_latency_us(bundle, observations)
+    write_bundle(out, graph, meta)  # the measurements become part of the signed contract
+    return out
+
+
+def write_bundle(out: str | Path, graph: bytes, meta: dict) -> PolicyBundle:
+    """Write ``policy.onnx`` (``graph`` with the contract embedded as ONNX metadata) and
+    ``policy.json`` (``meta`` plus ``onnx_sha256`` and ``integrity_sha256``), then load the
+    result, so every check a deployment runs has passed once here."""
+    import onnx
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = contract_of(meta)
+    validate_contract = {**meta, "onnx_sha256": "0" * 64, "integrity_sha256": "0" * 64}
+    validate_sidecar(validate_contract, "policy to export")
+    model = onnx.load_from_string(graph)
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=canonical_json(meta).decode())
+    onnx_bytes = model.SerializeToString()
+    meta["onnx_sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
+    meta["integrity_sha256"] = integrity_sha256(onnx_bytes, meta)
+    (out / "policy.onnx").write_bytes(onnx_bytes)
+    (out / "policy.json").write_text(json.dumps(meta, indent=2))
+    return PolicyBundle(out)
+
+
+def decision_latency_us(bundle: PolicyBundle, observations: np.ndarray, calls: int = 1000) -> dict:
+    """Median and p95 of one decision (one observation in, one action out), in µs."""
     one = observations[:1]
     for _ in range(50):
         bundle.act(one)
     times = []
-    for i in range(1000):
+    for i in range(calls):
         obs = observations[i % len(observations)][None]
         t0 = time.perf_counter()
         bundle.act(obs)
         times.append(time.perf_counter() - t0)
-    meta["parity_max_abs_diff"] = parity
-    meta["decision_latency_us"] = {
+    return {
         "median": 1e6 * float(np.median(times)),
         "p95": 1e6 * float(np.percentile(times, 95)),
     }
-    (out / "policy.json").write_text(json.dumps(meta, indent=2))
-    return out
 
 
 def main(argv=None) -> Path:
@@ -176,7 +212,10 @@ def main(argv=None) -> Path:
     p.add_argument("--model", default="model.zip", help="model file in the run (or best_model.zip)")
     p.add_argument("--out", default=None, help="bundle folder (default: RUN_DIR/bundle)")
     a = p.parse_args(argv)
+    from multispin_eval.machine_ref import measure
+
     out = export_run(a.run_dir, a.out, a.model)
+    ref = measure()  # right after the latency measurement, on the same machine state
     meta = json.loads((out / "policy.json").read_text())
     lat = meta["decision_latency_us"]
     print(
@@ -187,5 +226,10 @@ def main(argv=None) -> Path:
         f"parity vs SB3 predict: max |diff| = {meta['parity_max_abs_diff']:.2e} (target 1e-5); "
         f"decision latency on one core: median {lat['median']:.1f} us, p95 {lat['p95']:.1f} us "
         f"(target 50 us)"
+    )
+    print(ref.describe())
+    print(
+        f"decision latency / machine reference: median {ref.latency_ratio(lat['median'] * 1e-6):.4f}"
+        f", p95 {ref.latency_ratio(lat['p95'] * 1e-6):.4f} ref ops per decision"
     )
     return out
