@@ -15,7 +15,9 @@ modes
     homogeneous           Box(-1, 1, (1,)): one common draft length; Lemma 1 bandwidth.
     homogeneous_discrete  Discrete(L_max): L = a + 1; Lemma 1 bandwidth.
 
-Slots beyond the K active users are ignored.
+Slots beyond the K active users are ignored. Box entries outside [-1, 1] are clipped;
+discrete actions must be integers (or integral floats) in range: anything else raises,
+naming the expected shape or range (see :meth:`ActionCodec.check`).
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ def _length_to_box(lengths: np.ndarray, l_max: int) -> np.ndarray:
     return (2.0 * (np.asarray(lengths, dtype=np.float64) - 0.5) / l_max - 1.0).astype(np.float32)
 
 
+def _index(where: np.ndarray, single: bool) -> str:
+    """An entry's position in the caller's terms (no batch axis for a single action)."""
+    if single:
+        return f"index {tuple(int(i) for i in where[1:])}"
+    return f"env {int(where[0])}, index {tuple(int(i) for i in where[1:])}"
+
+
 class ActionCodec:
     """Decode policy actions into (draft lengths, bandwidth in Hz); see module docstring."""
 
@@ -114,23 +123,90 @@ class ActionCodec:
             "homogeneous_discrete": spaces.Discrete(l_max),
         }[mode]
 
-    def _batch(self, action) -> np.ndarray:
-        a = np.asarray(action)
-        single_shape = self.space.shape
-        if a.shape == single_shape:
-            a = a[None]
-        if a.shape[1:] != single_shape:
+    def check(self, action, num_envs: int | None = None, single: bool = False) -> np.ndarray:
+        """``action`` validated and batched to ``(N,) + space.shape``, in a dtype the kernels
+        take (float32/float64 for Box modes, int64 for discrete ones).
+
+        ``single=True``: one env's action, shape ``space.shape``. ``num_envs=n``: a batch of
+        exactly ``n``. Neither: either form. Box entries outside [-1, 1] are clipped (as
+        SB3 does); integer arrays are accepted for Box modes, float16 is cast to float32.
+        Discrete modes take integers (or integral floats) in range, never truncate.
+        Raises ``ValueError`` for a wrong shape, NaN/inf, a non-integer or out-of-range
+        discrete value, ``TypeError`` for a non-numeric dtype; messages give the expected
+        shape or range and the offending entry.
+        """
+        shape = self.space.shape
+        try:
+            a = np.asarray(action)
+        except ValueError as err:  # ragged nested lists
             raise ValueError(
-                f"action shape {np.asarray(action).shape} does not match the {self.mode!r} "
-                f"action space {self.space} (batched: (N,) + {single_shape})"
+                f"action {action!r} is not an array of shape {shape} ({self.mode!r} action "
+                f"space {self.space}): {err}"
+            ) from err
+        if single:
+            if a.shape != shape:
+                raise ValueError(
+                    f"action shape {a.shape} does not match the {self.mode!r} action space "
+                    f"{self.space}: expected an action of shape {shape}, got shape {a.shape}"
+                )
+            a = a[None]
+        elif num_envs is not None:
+            if a.shape != (num_envs,) + shape:
+                raise ValueError(
+                    f"action shape {a.shape} does not match {num_envs} envs of the {self.mode!r} "
+                    f"action space {self.space}: expected actions of shape "
+                    f"{(num_envs,) + shape}, got shape {a.shape}"
+                )
+        else:
+            if a.shape == shape:
+                a = a[None]
+            if a.ndim == 0 or a.shape[1:] != shape:
+                raise ValueError(
+                    f"action shape {np.asarray(action).shape} does not match the {self.mode!r} "
+                    f"action space {self.space}: expected an action of shape {shape} or a "
+                    f"batch of shape (N,) + {shape}"
+                )
+        kind = a.dtype.kind
+        if kind not in "fiu":
+            raise TypeError(
+                f"{self.mode!r} actions must be numbers (float or integer arrays), got dtype "
+                f"{a.dtype}"
             )
-        if a.dtype.kind == "f" and not np.isfinite(a.sum()):
-            raise ValueError("action contains NaN or inf")
+        if kind == "f" and not np.isfinite(a.sum()) and not np.isfinite(a).all():
+            where = np.argwhere(~np.isfinite(a))[0]
+            raise ValueError(
+                f"action contains NaN or inf: {a[tuple(where)].item()!r} at "
+                f"{_index(where, single)}; every entry of a {self.mode!r} action must be a "
+                "finite number"
+            )
+        if self.mode.endswith("_discrete"):
+            return self._check_discrete(a, single)
+        if a.dtype == np.float16 or kind in "iu":
+            a = a.astype(np.float32 if a.dtype == np.float16 else np.float64)
         return a
+
+    def _check_discrete(self, a: np.ndarray, single: bool) -> np.ndarray:
+        hi = self.max_draft_length - 1
+        rule = f"{self.mode} actions must be integers in [0, {hi}] (draft length - 1)"
+        if a.dtype.kind == "f":
+            frac = a != np.floor(a)
+            if frac.any():
+                where = np.argwhere(frac)[0]
+                raise ValueError(
+                    f"{rule}, got {a[tuple(where)].item()!r} at {_index(where, single)}"
+                )
+        bad = (a < 0) | (a > hi)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            raise ValueError(f"{rule}, got {a[tuple(where)].item()!r} at {_index(where, single)}")
+        return a.astype(np.int64, copy=False)
 
     def decode(self, action, ctx: DecisionContext) -> tuple[np.ndarray, np.ndarray]:
         """Batch of actions -> (lengths ``(N, K)`` int64, bandwidth ``(N, K)`` Hz)."""
-        a = self._batch(action)
+        return self.decode_checked(self.check(action), ctx)
+
+    def decode_checked(self, a: np.ndarray, ctx: DecisionContext):
+        """:meth:`decode` of an action already passed through :meth:`check`."""
         n, k = ctx.spectral_eff_est.shape
         if a.shape[0] != n:
             raise ValueError(f"got {a.shape[0]} actions for {n} environments")
@@ -146,16 +222,12 @@ class ActionCodec:
         if self.mode == "lengths":
             lengths = _box_to_length(a[:, :k], l_max)
         elif self.mode == "lengths_discrete":
-            if np.any((a < 0) | (a >= l_max)):
-                raise ValueError(f"lengths_discrete actions must be integers in [0, {l_max - 1}]")
-            lengths = a[:, :k].astype(np.int64) + 1
+            lengths = a[:, :k] + 1
         elif self.mode == "homogeneous":
             lengths = np.empty((n, k), dtype=np.int64)
             _box_lengths_kernel(np.ascontiguousarray(a), 1, l_max, lengths)
         else:
-            if np.any((a < 0) | (a >= l_max)):
-                raise ValueError(f"homogeneous_discrete actions must be in [0, {l_max - 1}]")
-            lengths = np.repeat(a.reshape(n, 1).astype(np.int64) + 1, k, axis=1)
+            lengths = np.repeat(a.reshape(n, 1) + 1, k, axis=1)
         bandwidth, _ = latency_equalising_bandwidth(
             lengths, ctx.t_draft_s, ctx.spectral_eff_est, ctx.payload_bits, ctx.bandwidth_hz
         )

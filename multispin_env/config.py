@@ -14,12 +14,59 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import numpy as np
 import yaml
 
 from multispin_env.physics import payload_bits_per_token
 from multispin_env.verification import build_verification
 
 MAX_USERS = 4096  # the counter-based RNG reserves 4096 user slots per (round, stream)
+
+
+def check_type(where: str, value: Any, kind: str) -> Any:
+    """``value`` checked against a field's declared type and normalised to the plain Python
+    type (``np.int64(5)`` -> ``5``, ``np.float32(0.1)`` -> ``0.1`` as a float).
+
+    ``kind`` is the annotation as written (``"int"``, ``"float"``, ``"bool"``, ``"str"``,
+    ``"dict"``, ``"tuple[...]"``; ``"X | None"`` also allows None). A bool is never taken for
+    a number and a string never for a number or a bool. Raises ``TypeError`` naming
+    ``where`` (e.g. ``ScenarioConfig.bandwidth_hz``) and the expected type.
+    """
+    kind = kind.replace(" ", "")
+    if kind.endswith("|None"):
+        if value is None:
+            return None
+        kind = kind[: -len("|None")]
+    got = type(value).__name__
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        hint = " (write true or false, without quotes)" if isinstance(value, str) else ""
+        raise TypeError(f"{where}={value!r} must be a bool (True or False), got {got}{hint}")
+    if kind == "int":
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            return int(value)
+        raise TypeError(f"{where}={value!r} must be an integer, got {got}")
+    if kind == "float":
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, (bool, np.bool_)
+        ):
+            return float(value)
+        hint = " (write the number without quotes)" if isinstance(value, str) else ""
+        raise TypeError(f"{where}={value!r} must be a number, got {got}{hint}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{where}={value!r} must be a string, got {got}")
+    if kind == "dict":
+        if isinstance(value, dict):
+            return value
+        raise TypeError(f"{where}={value!r} must be a mapping, got {got}")
+    if kind.startswith("tuple"):
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        raise TypeError(f"{where}={value!r} must be a list, got {got}")
+    raise AssertionError(f"check_type: unsupported field type {kind!r} for {where}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +88,9 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         where = f"tasks[{self.name!r}]"
+        for f in dataclasses.fields(self):
+            checked = check_type(f"{where}.{f.name}", getattr(self, f.name), f.type)
+            object.__setattr__(self, f.name, checked)
         if not 0.0 < self.alpha_mean < 1.0:
             raise ValueError(f"{where}.alpha_mean={self.alpha_mean} must be in (0, 1)")
         max_std = math.sqrt(self.alpha_mean * (1.0 - self.alpha_mean))
@@ -49,8 +99,8 @@ class TaskSpec:
                 f"{where}.alpha_std={self.alpha_std} must be in [0, {max_std:.4f}) "
                 "(a Beta distribution needs std < sqrt(mean (1 - mean)))"
             )
-        if not self.weight > 0:
-            raise ValueError(f"{where}.weight={self.weight} must be > 0")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"{where}.weight={self.weight} must be a finite number > 0")
 
     @property
     def beta_params(self) -> tuple[float, float]:
@@ -122,10 +172,11 @@ class ScenarioConfig:
                 value = getattr(self, field_name)
                 raise ValueError(f"ScenarioConfig.{field_name}={value!r}: {rule}")
 
+        for f in dataclasses.fields(self):
+            checked = check_type(f"ScenarioConfig.{f.name}", getattr(self, f.name), f.type)
+            object.__setattr__(self, f.name, checked)
         need(
-            isinstance(self.num_users, int) and 1 <= self.num_users <= MAX_USERS,
-            "num_users",
-            f"must be an integer in [1, {MAX_USERS}]",
+            1 <= self.num_users <= MAX_USERS, "num_users", f"must be an integer in [1, {MAX_USERS}]"
         )
         for name in (
             "bandwidth_hz",
@@ -136,11 +187,7 @@ class ScenarioConfig:
             "mean_gain_high",
         ):
             value = getattr(self, name)
-            need(
-                isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
-                name,
-                "must be a finite number > 0",
-            )
+            need(math.isfinite(value) and value > 0, name, "must be a finite number > 0")
         need(
             self.mean_gain_high >= self.mean_gain_low,
             "mean_gain_high",
@@ -148,33 +195,49 @@ class ScenarioConfig:
         )
         need(0.0 <= self.t_draft_spread < 1.0, "t_draft_spread", "must be in [0, 1)")
         need(
-            isinstance(self.max_draft_length, int) and 1 <= self.max_draft_length <= 256,
+            1 <= self.max_draft_length <= 256,
             "max_draft_length",
             "must be an integer in [1, 256]",
         )
         need(
-            isinstance(self.vocab_size, int) and self.vocab_size >= 2,
+            self.vocab_size >= 2,
             "vocab_size",
             "must be an integer >= 2",
         )
         need(
-            isinstance(self.kept_vocab, int) and 1 <= self.kept_vocab <= self.vocab_size,
+            1 <= self.kept_vocab <= self.vocab_size,
             "kept_vocab",
             f"must be an integer in [1, vocab_size={self.vocab_size}]",
         )
         need(
-            isinstance(self.prob_bits, int) and 1 <= self.prob_bits <= 64,
+            1 <= self.prob_bits <= 64,
             "prob_bits",
             "must be an integer in [1, 64]",
         )
-        need(self.server_t_draft_s >= 0, "server_t_draft_s", "must be >= 0 seconds")
         need(
-            self.request_length_tokens == 0 or self.request_length_tokens >= 1,
-            "request_length_tokens",
-            "must be 0 (endless) or >= 1 token",
+            math.isfinite(self.server_t_draft_s) and self.server_t_draft_s >= 0,
+            "server_t_draft_s",
+            "must be a finite number >= 0 seconds",
         )
-        need(self.csi_error_std >= 0, "csi_error_std", "must be >= 0")
-        need(self.draft_energy_j_per_token >= 0, "draft_energy_j_per_token", "must be >= 0")
+        need(
+            math.isfinite(self.request_length_tokens)
+            and (self.request_length_tokens == 0 or self.request_length_tokens >= 1),
+            "request_length_tokens",
+            "must be 0 (endless) or a finite number >= 1 token",
+        )
+        # upper bounds far beyond any real system, below where |h + e|^2 or the energy
+        # sums overflow float64 (non-finite observations and bandwidth)
+        need(
+            math.isfinite(self.csi_error_std) and 0 <= self.csi_error_std <= 1e6,
+            "csi_error_std",
+            "must be a finite number in [0, 1e6]",
+        )
+        need(
+            math.isfinite(self.draft_energy_j_per_token)
+            and 0 <= self.draft_energy_j_per_token <= 1e6,
+            "draft_energy_j_per_token",
+            "must be a finite number in [0, 1e6] joules per token",
+        )
         need(len(self.tasks) >= 1, "tasks", "needs at least one task")
         need(
             all(isinstance(t, TaskSpec) for t in self.tasks),
@@ -202,7 +265,16 @@ class ScenarioConfig:
     # construction ------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScenarioConfig:
-        """Build from a plain mapping (e.g. parsed YAML); unknown keys are an error."""
+        """Build from a plain mapping (e.g. parsed YAML); unknown keys are an error.
+
+        A float field may be given as a numeric string here: YAML 1.1 reads ``1e-10``
+        (no dot) as a string. Overrides (``with_overrides``, ``load_preset(**overrides)``,
+        env kwargs) are typed values and take no strings.
+        """
+        return cls._build(_yaml_numbers(data))
+
+    @classmethod
+    def _build(cls, data: dict[str, Any]) -> ScenarioConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         data = dict(data)
         data.pop("provenance", None)
@@ -217,19 +289,15 @@ class ScenarioConfig:
                 f"valid fields are {sorted(known)}"
             )
         if "tasks" in data:
-            data["tasks"] = tuple(
-                t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in data["tasks"]
-            )
-        for key in ("bandwidth_hz", "noise_power_w", "tx_power_w", "t_draft_mean_s"):
-            if isinstance(data.get(key), str):  # YAML reads "1e-10" as a string
-                data[key] = float(data[key])
+            tasks = check_type("ScenarioConfig.tasks", data["tasks"], "tuple")
+            data["tasks"] = tuple(_task(i, t) for i, t in enumerate(tasks))
         return cls(**data)
 
     def with_overrides(self, **overrides: Any) -> ScenarioConfig:
         """A validated copy with some fields replaced (same errors as from_dict)."""
         merged = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         merged.update(overrides)
-        return ScenarioConfig.from_dict(merged)
+        return ScenarioConfig._build(merged)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -254,6 +322,34 @@ def load_preset_document(name: str) -> dict[str, Any]:
 
 def load_preset(name: str, **overrides: Any) -> ScenarioConfig:
     """A shipped preset, with validated overrides applied on top."""
-    doc = load_preset_document(name)
+    doc = _yaml_numbers(load_preset_document(name))
     doc.update(overrides)
-    return ScenarioConfig.from_dict(doc)
+    return ScenarioConfig._build(doc)
+
+
+_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(ScenarioConfig) if f.type == "float")
+
+
+def _yaml_numbers(data: dict[str, Any]) -> dict[str, Any]:
+    """Numeric strings of float fields as floats (YAML 1.1 reads ``1e-10`` as a string)."""
+    data = dict(data)
+    for key in _FLOAT_FIELDS:
+        value = data.get(key)
+        if isinstance(value, str):
+            try:
+                data[key] = float(value)
+            except ValueError:
+                pass  # left to the type check, which names the field
+    return data
+
+
+def _task(index: int, task: Any) -> TaskSpec:
+    if isinstance(task, TaskSpec):
+        return task
+    fields = [f.name for f in dataclasses.fields(TaskSpec)]
+    if not isinstance(task, dict) or not {"name", "alpha_mean"} <= set(task) <= set(fields):
+        raise ValueError(
+            f"ScenarioConfig.tasks[{index}]={task!r} must be a mapping with keys "
+            f"name and alpha_mean (optional: alpha_std, weight)"
+        )
+    return TaskSpec(**task)

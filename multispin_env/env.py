@@ -58,6 +58,11 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
     - ``homogeneous`` / ``homogeneous_discrete``: one common length as ``Box(-1, 1, (1,))``
       or ``Discrete(L_max)``; bandwidth by Lemma 1.
 
+    Box entries outside [-1, 1] are clipped; float16 and integer arrays are accepted (cast).
+    Discrete actions must be integers (integral floats are accepted) in range. A wrong
+    shape, NaN/inf, a non-integer or out-of-range discrete value raises ``ValueError``
+    naming the expected shape or range.
+
     ## Observation space
     ``Box(0, high, (K_max * F + 3,), float32)`` with F = 11 per-user features (12 with
     ``observe_true_alpha``): active flag, channel estimate and its running average, drafting
@@ -78,6 +83,7 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Starting state
     ``reset`` draws a new realization: device speeds, mean channel gains, each user's task
     (acceptance), and the first fading draw, all from the seed.
+    ``render()`` before the first ``step`` of an episode shows no round.
 
     ## Episode end
     ``truncated`` once ``horizon_s`` simulated seconds have elapsed. ``terminated`` is
@@ -94,6 +100,8 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
     ``horizon_s``, ``reward_weights`` (mapping), ``observe_true_alpha``,
     ``history_decay``, ``render_mode`` ("ansi" or "rgb_array"), and any ScenarioConfig
     field as an override (``num_users=10``, ``bandwidth_hz=5e6``); unknown names raise.
+    Every value is checked against its field's type (numpy scalars are accepted; a bool is
+    not a number, a string not a bool) and range (finite numbers only).
 
     ## Version history
     - v0: initial release.
@@ -137,7 +145,7 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
     def step(self, action):
         if self._needs_reset:
             raise RuntimeError("call reset() before step() (and after an episode ends)")
-        reward, truncated, summary = self._episodes.step(np.asarray(action)[None])
+        reward, truncated, summary = self._episodes.step(action, single=True)
         obs = self._episodes.observe()[0]
         # every summary array is fresh per step (reset replaces, never overwrites, the
         # state they came from), so views are safe to hand out

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from multispin_env._jit import kernel
-from multispin_env.action_codec import ActionCodec, DecisionContext
-from multispin_env.config import ScenarioConfig
+from multispin_env.action_codec import MODES, ActionCodec, DecisionContext
+from multispin_env.config import MAX_USERS, ScenarioConfig, check_type
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.simulator import MultiSpinSimulator
 
@@ -71,35 +72,64 @@ class EnvOptions:
 
     @staticmethod
     def build(config: ScenarioConfig, **kwargs) -> EnvOptions:
-        weights = kwargs.pop("reward_weights", None)
-        if weights is not None:
-            if not isinstance(weights, dict):
-                raise ValueError("reward_weights must be a mapping like {'tokens': 1.0}")
-            unknown = sorted(set(weights) - set(REWARD_COMPONENTS))
-            if unknown:
-                raise ValueError(
-                    f"reward_weights has unknown component(s) {unknown}; "
-                    f"choose from {REWARD_COMPONENTS}"
-                )
-            kwargs["reward_weights"] = tuple(sorted((k, float(v)) for k, v in weights.items()))
-        opts = EnvOptions(**kwargs)
-        max_users = config.num_users if opts.max_users is None else opts.max_users
-        if not isinstance(max_users, int) or max_users < config.num_users:
+        """Validated options for ``config``: each value is checked against its field's type
+        (a bool is never a number, a string never a bool) and range; errors name the field."""
+        unknown = sorted(set(kwargs) - set(EnvOptions.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown env option(s) {unknown}; options are {_OPTION_NAMES}")
+        opts = EnvOptions()
+        values = {f.name: kwargs.get(f.name, getattr(opts, f.name)) for f in _OPTION_FIELDS}
+        values["reward_weights"] = _check_weights(kwargs.get("reward_weights"))
+        for f in _OPTION_FIELDS:
+            if f.name != "reward_weights":
+                values[f.name] = check_type(f.name, values[f.name], f.type)
+        if values["action_mode"] not in MODES:
             raise ValueError(
-                f"max_users={opts.max_users!r} must be an integer >= num_users={config.num_users}"
+                f"action_mode={values['action_mode']!r}: the action mode must be one of {MODES}"
             )
-        if not (isinstance(opts.horizon_s, (int, float)) and opts.horizon_s > 0):
-            raise ValueError(f"horizon_s={opts.horizon_s!r} must be > 0 seconds")
-        if not 0.0 < opts.history_decay < 1.0:
-            raise ValueError(f"history_decay={opts.history_decay!r} must be in (0, 1)")
-        return EnvOptions(
-            action_mode=opts.action_mode,
-            max_users=max_users,
-            horizon_s=float(opts.horizon_s),
-            reward_weights=opts.reward_weights,
-            observe_true_alpha=bool(opts.observe_true_alpha),
-            history_decay=opts.history_decay,
+        max_users = config.num_users if values["max_users"] is None else values["max_users"]
+        if not config.num_users <= max_users <= MAX_USERS:
+            raise ValueError(
+                f"max_users={values['max_users']!r} must be an integer in "
+                f"[num_users={config.num_users}, {MAX_USERS}]"
+            )
+        values["max_users"] = max_users
+        horizon = values["horizon_s"]
+        if not (math.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"horizon_s={horizon!r} must be a finite number > 0 seconds")
+        if not 0.0 < values["history_decay"] < 1.0:
+            raise ValueError(f"history_decay={values['history_decay']!r} must be in (0, 1)")
+        return EnvOptions(**values)
+
+
+_OPTION_FIELDS = dataclasses.fields(EnvOptions)
+_OPTION_NAMES = [f.name for f in _OPTION_FIELDS]
+
+
+def _check_weights(weights) -> tuple[tuple[str, float], ...]:
+    """reward_weights as sorted (name, weight) pairs; None means tokens only."""
+    if weights is None:
+        return EnvOptions.reward_weights
+    if isinstance(weights, tuple) and all(
+        isinstance(p, tuple) and len(p) == 2 for p in weights
+    ):  # the stored form, e.g. from options.reward_weights
+        weights = dict(weights)
+    if not isinstance(weights, dict):
+        raise TypeError(
+            f"reward_weights={weights!r} must be a mapping like {{'tokens': 1.0, 'time': 0.5}}"
         )
+    unknown = sorted(set(weights) - set(REWARD_COMPONENTS), key=str)
+    if unknown:
+        raise ValueError(
+            f"reward_weights has unknown component(s) {unknown}; choose from {REWARD_COMPONENTS}"
+        )
+    out = []
+    for name, value in weights.items():
+        value = check_type(f"reward_weights[{name!r}]", value, "float")
+        if not math.isfinite(value):
+            raise ValueError(f"reward_weights[{name!r}] must be finite, got {value!r}")
+        out.append((name, value))
+    return tuple(sorted(out))
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
@@ -138,15 +168,24 @@ class BatchedEpisodes:
         )
         self.history = UserHistory(num_envs, config.num_users, decay=options.history_decay)
         self.weights = dict(options.reward_weights)
-        # fixed order (sorted names: energy, time, tokens) so the kernel sums like sorted()
-        self._weight_vector = np.array([self.weights.get(c, 0.0) for c in _SORTED_COMPONENTS])
-        self._weight_used = np.array([c in self.weights for c in _SORTED_COMPONENTS])
         self.elapsed_s = np.zeros(num_envs)
         self.episode_tokens = np.zeros(num_envs)
         self.episode_rounds = np.zeros(num_envs, dtype=np.int64)
         self.last_lengths = np.zeros((num_envs, config.num_users), dtype=np.int64)
         self.last_bandwidth = np.zeros((num_envs, config.num_users))
         self.last_result = None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Reward component weights (a copy); assign a mapping to change them."""
+        return dict(self._weights)
+
+    @weights.setter
+    def weights(self, weights: dict[str, float]) -> None:
+        self._weights = dict(_check_weights(weights))
+        # fixed order (sorted names: energy, time, tokens) so the kernel sums like sorted()
+        self._weight_vector = np.array([self._weights.get(c, 0.0) for c in _SORTED_COMPONENTS])
+        self._weight_used = np.array([c in self._weights for c in _SORTED_COMPONENTS])
 
     def reset(self, keys: np.ndarray, env_ids: np.ndarray) -> None:
         self.sim.reset(keys, env_ids=env_ids)
@@ -211,9 +250,15 @@ class BatchedEpisodes:
             oracle_spectral_eff=sim.spectral_eff,
         )
 
-    def step(self, actions) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Play one round everywhere. Returns (reward, truncated, per-env round summary)."""
-        lengths, bandwidth = self.codec.decode(actions, self.context())
+    def step(self, actions, single: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Play one round everywhere. Returns (reward, truncated, per-env round summary).
+
+        ``actions`` is a batch ``(num_envs,) + action shape``; with ``single=True`` (only
+        when ``num_envs`` is 1) one env's action, unbatched. Bad actions raise with the
+        expected shape or range in those terms.
+        """
+        checked = self.codec.check(actions, None if single else self.num_envs, single=single)
+        lengths, bandwidth = self.codec.decode_checked(checked, self.context())
         return self.step_allocation(lengths, bandwidth, validate=False)
 
     def step_allocation(self, lengths, bandwidth, validate: bool = True):

@@ -6,13 +6,13 @@ import numpy as np
 
 
 def ansi_table(episodes, i: int) -> str:
-    """Per-user table of the last round of env ``i``."""
+    """Per-user table of the last round of env ``i`` in its current episode."""
     sim, res = episodes.sim, episodes.last_result
     lines = [
         f"{episodes.config.name}  t = {episodes.elapsed_s[i]:.3f} s  "
         f"rounds = {episodes.episode_rounds[i]}"
     ]
-    if res is None:
+    if res is None or episodes.episode_rounds[i] == 0:  # just reset: no round this episode
         return lines[0] + "  (no round played yet)\n"
     share = episodes.last_bandwidth[i] / episodes.config.bandwidth_hz
     lines.append(
@@ -48,7 +48,8 @@ def rgb_array(episodes, i: int) -> np.ndarray:
     fig, axes = plt.subplots(3, 1, figsize=(6.4, 4.8), sharex=True, constrained_layout=True)
     lengths = episodes.last_lengths[i]
     share = episodes.last_bandwidth[i] / episodes.config.bandwidth_hz
-    accepted = res.accepted[i] if res is not None else np.zeros(k)
+    played = res is not None and episodes.episode_rounds[i] > 0  # not the last episode's
+    accepted = res.accepted[i] if played else np.zeros(k)
     for ax, values, label in zip(
         axes,
         (lengths, share, accepted),

@@ -5,6 +5,8 @@
   ``step`` that ended it; the returned observation is the new episode's first one, and the
   last observation/info are in ``info["final_obs"]`` / ``info["final_info"]`` (masked by
   ``info["_final_obs"]``), as Gymnasium's ``AutoresetMode.SAME_STEP`` specifies.
+  Gymnasium's own ``sync``/``async`` vectorisation defaults to ``NEXT_STEP`` instead; see
+  the class docstring for how to match them.
 - :func:`make_sb3_vec_env` adapts it to stable-baselines3's ``VecEnv`` API
   (``terminal_observation`` in the finished env's info dict).
 
@@ -23,14 +25,27 @@ from gymnasium.vector.utils import batch_space
 
 from multispin_env import rng as crng
 from multispin_env.env import MultiSpinEnv, build_episodes
-from multispin_env.episodes import BatchedEpisodes, EnvOptions
+from multispin_env.episodes import BatchedEpisodes
 
 
 class MultiSpinVectorEnv(VectorEnv):
     """N independent Multi-SPIN envs stepped together by the same kernels as the scalar env.
 
     Same arguments as :class:`~multispin_env.env.MultiSpinEnv`, plus ``num_envs``.
-    Info values are arrays over envs (per-user ones ``(N, K)``).
+    Info values are arrays over envs (per-user ones ``(N, K)``). ``step`` takes actions of
+    shape ``(num_envs,) + single_action_space.shape``.
+
+    Autoreset: this env uses ``AutoresetMode.SAME_STEP`` (the step that ends an episode
+    returns the next episode's first observation; the last one is in
+    ``info["final_obs"]``). It is what ``gym.make_vec(id, num_envs)`` gives for the
+    multispin ids (``vectorization_mode="vector_entry_point"``, the default) and what
+    :func:`make_sb3_vec_env` wraps. ``gym.make_vec(..., vectorization_mode="sync")`` or
+    ``"async"`` instead wraps the scalar env in Gymnasium's ``SyncVectorEnv`` /
+    ``AsyncVectorEnv``, whose default is ``NEXT_STEP``: the step that ends an episode
+    returns its last observation, and the *next* step ignores its action and returns the
+    reset observation, so trajectories shift by one step per episode. Pass
+    ``vector_kwargs={"autoreset_mode": gymnasium.vector.AutoresetMode.SAME_STEP}`` to
+    make them equal to this env's, bit for bit (``tests/test_hardening_env.py``).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}
@@ -55,8 +70,7 @@ class MultiSpinVectorEnv(VectorEnv):
 
     def set_reward_weights(self, weights: dict[str, float]) -> None:
         """Change reward component weights mid-training (e.g. an adaptive time price)."""
-        EnvOptions.build(self.config, reward_weights=weights)  # validates the names
-        self._episodes.weights = dict(weights)
+        self._episodes.weights = weights  # validated: names, numbers, finite
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         if seed is None:
