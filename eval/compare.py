@@ -27,9 +27,13 @@ from tqdm import tqdm
 from multispin_agents.policies import SolverPolicy
 from multispin_env.episodes import split_kwargs
 from multispin_eval.harness import LearnedController, SolverController, run_episodes
+from multispin_eval.stats import ci95_halfwidth
 
 EVAL_SEED_START = 2_000_000  # disjoint from training (seed + 0..) and its eval (seed + 1e6)
 _SPEC = re.compile(r"^(fixed|uni_bw|homo|hete)(?:\[(prior|history|oracle)(,csi)?\])?$")
+# env options that fix a policy's observation or action layout: a learned policy can only run
+# with the values it was trained with
+POLICY_LAYOUT_OPTIONS = ("action_mode", "max_users", "observe_true_alpha")
 
 
 def make_controller(spec: str):
@@ -63,10 +67,20 @@ def compare(
 ) -> list[dict]:
     """Rows of summary metrics, one per policy, plus ``vs_hete`` (goodput ratio)."""
     controllers = [make_controller(s) for s in specs]
-    _, scenario = split_kwargs(dict(env_kwargs or {}))
+    options, scenario = split_kwargs(dict(env_kwargs or {}))
     for ctrl in controllers:
         if isinstance(ctrl, LearnedController):
-            _, trained_on = split_kwargs(ctrl.env_kwargs)
+            trained_options, trained_on = split_kwargs(ctrl.env_kwargs)
+            for key in POLICY_LAYOUT_OPTIONS:
+                if key in options and options[key] != trained_options.get(key, options[key]):
+                    raise ValueError(
+                        f"policy {ctrl.name!r} was trained with {key}={trained_options[key]!r}, "
+                        f"but --env-kwargs sets {key}={options[key]!r}: the policy's "
+                        f"{'actions' if key == 'action_mode' else 'observations'} only fit the "
+                        f"env's {key} it was trained with. Drop {key} from --env-kwargs (each "
+                        "learned policy runs with its own) or evaluate a policy trained with "
+                        f"{key}={options[key]!r}"
+                    )
             if trained_on != scenario or ctrl.env_id != env_id:
                 raise ValueError(
                     f"policy {ctrl.name!r} was trained on {ctrl.env_id} with scenario overrides "
@@ -84,11 +98,7 @@ def compare(
         r["vs_hete"] = r["goodput"] / ref["goodput"]
         # paired ratio over seeds (common random numbers): its CI is much tighter
         paired = r.pop("_goodput") / ref["_goodput"] if r is not ref else None
-        r["vs_hete_ci95"] = (
-            float(1.96 * paired.std(ddof=1) / np.sqrt(len(paired)))
-            if paired is not None and len(paired) > 1
-            else 0.0
-        )
+        r["vs_hete_ci95"] = ci95_halfwidth(paired) if paired is not None else 0.0
     ref.pop("_goodput", None)
     return rows
 
@@ -109,31 +119,30 @@ COLUMNS = [
 ]
 
 
+def _cell(value, fmt: str) -> str:
+    """One table cell; a NaN (a CI from a single seed) prints as n/a."""
+    if isinstance(value, float) and np.isnan(value):
+        return "n/a"
+    return fmt.format(value)
+
+
 def to_markdown(rows: list[dict]) -> str:
     head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
     sep = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r[key], fmt) for key, _, fmt in COLUMNS) + " |" for r in rows]
     return "\n".join([head, sep, *body]) + "\n"
 
 
-def write_outputs(rows: list[dict], out: Path, title: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with (out / "compare.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[c[0] for c in COLUMNS])
-        writer.writeheader()
-        writer.writerows({k: r[k] for k, _, _ in COLUMNS} for r in rows)
-    (out / "compare.md").write_text(f"{title}\n\n{to_markdown(rows)}")
-    import matplotlib
+def make_figure(rows: list[dict], title: str):
+    """Goodput bars (with 95% CIs) and the round-time split, on a private Agg canvas."""
+    from multispin_eval.plotting import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    fig, (ax, ax2) = new_figure(1, 2, figsize=(11, 4.4))
     names = [r["policy"] for r in rows]
     ax.barh(
         names,
         [r["goodput"] for r in rows],
-        xerr=[r["goodput_ci95"] for r in rows],
+        xerr=[np.nan_to_num(r["goodput_ci95"]) for r in rows],
         color=["tab:orange" if not _SPEC.match(n.split("=")[-1]) else "tab:blue" for n in names],
     )
     ax.axvline(
@@ -152,10 +161,34 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> None:
         left += vals
     ax2.set_xlabel("share of round time (straggler's draft / upload, verify)")
     ax2.invert_yaxis()
-    ax2.legend(loc="lower right")
+    # below the bars, never on them
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(out / "compare.png", dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c[0] for c in COLUMNS])
+        writer.writeheader()
+        writer.writerows(  # a CI that does not exist (one seed) is an empty cell
+            {k: "" if _cell(r[k], "{}") == "n/a" else r[k] for k, _, _ in COLUMNS} for r in rows
+        )
+    (out / "compare.md").write_text(f"{title}\n\n{to_markdown(rows)}")
+    make_figure(rows, title).savefig(out / "compare.png", dpi=110)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} episodes: give at least 1 (and at least 2 for a confidence interval)"
+        )
+    return value
 
 
 def main(argv=None) -> list[dict]:
@@ -164,7 +197,12 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="multispin evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--env", default="multispin/PaperLlama2-v0")
     p.add_argument("--policies", nargs="+", default=["fixed", "uni_bw", "homo", "hete"])
-    p.add_argument("--seeds", type=int, default=32, help="number of held-out episodes")
+    p.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=32,
+        help="number of held-out episodes (>= 1; >= 2 for confidence intervals)",
+    )
     p.add_argument("--seed-start", type=int, default=EVAL_SEED_START)
     p.add_argument(
         "--env-kwargs",

@@ -53,13 +53,10 @@ def main(argv=None) -> None:
             f"{s.simulated_ci95:>10.1f}{s.simulated_mean / base:>9.2f}"
         )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from multispin_eval.plotting import new_figure
 
     os.makedirs(args.out, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 3.5), constrained_layout=True)
+    fig, ax = new_figure(figsize=(7, 3.5))
     names = list(stats)
     ax.bar(
         [LABELS[n] for n in names],

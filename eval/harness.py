@@ -25,6 +25,7 @@ from multispin_env.env import resolve_scenario
 from multispin_env.episodes import BatchedEpisodes, EnvOptions, split_kwargs
 from multispin_env.registration import resolve_env_id
 from multispin_env.rng import new_keys
+from multispin_eval.stats import ci95_halfwidth
 
 
 @dataclass
@@ -42,11 +43,10 @@ class EpisodeMetrics:
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
-        n = len(self.goodput)
-        ci = 1.96 * self.goodput.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+        """Means over seeds; ``goodput_ci95`` is NaN for a single seed (no spread to use)."""
         return {
             "goodput": float(self.goodput.mean()),
-            "goodput_ci95": float(ci),
+            "goodput_ci95": ci95_halfwidth(self.goodput),
             "jain": float(self.jain.mean()),
             "draft_frac": float(self.draft_frac.mean()),
             "upload_frac": float(self.upload_frac.mean()),
@@ -112,8 +112,12 @@ class BundleController:
         self.bundle = PolicyBundle(folder)
         self.env_kwargs = dict(self.bundle.meta.get("env_kwargs", {}))
         self.name = f"bundle:{Path(folder).name}"
+        self._checked = False
 
     def decide(self, episodes: BatchedEpisodes):
+        if not self._checked:  # the env's observation layout must be the policy's
+            self.bundle.check_features(episodes.spec.feature_names)
+            self._checked = True
         return episodes.codec.decode(self.bundle.act(episodes.observe()), episodes.context())
 
 

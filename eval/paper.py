@@ -19,6 +19,7 @@ import numpy as np
 from multispin_agents.solvers import SOLVERS, cen_spin, evaluate_goodput, p2p_spin
 from multispin_env.config import ScenarioConfig
 from multispin_env.simulator import MultiSpinSimulator
+from multispin_eval.stats import ci95_halfwidth
 
 SCHEMES = ("fixed", "uni_bw", "homo", "hete")
 
@@ -32,7 +33,7 @@ class SchemeStats:
 
 
 def _ci95(values: np.ndarray) -> float:
-    return float(1.96 * values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return ci95_halfwidth(values)
 
 
 def evaluate_schemes(

@@ -63,12 +63,9 @@ def _value(rows, pair, x_name, x, scheme):
 
 
 def _plot_sweep(rows, x_name, xs, xlabel, path):
-    import matplotlib
+    from multispin_eval.plotting import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, axes = new_figure(1, 2, figsize=(11, 4))
     for ax, pair in zip(axes, PAIRS, strict=True):
         for s, marker in zip(SCHEMES, "os^D", strict=True):
             ys = [_value(rows, pair, x_name, x, s) for x in xs]
@@ -79,16 +76,12 @@ def _plot_sweep(rows, x_name, xs, xlabel, path):
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_protocols(rows, path):
-    import matplotlib
+    from multispin_eval.plotting import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    fig, ax = new_figure(figsize=(6, 4))
     protocols = ("hete", "cen", "p2p")
     width = 0.25
     for i, s in enumerate(protocols):
@@ -103,7 +96,6 @@ def _plot_protocols(rows, path):
     ax.set_ylabel("sum goodput (tokens/s)")
     ax.legend()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _summary(fig6, fig7, fig8) -> str:
