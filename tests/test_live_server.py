@@ -138,7 +138,8 @@ def test_disconnect_and_rejoin_lose_and_duplicate_nothing(pair):
         port = await server.start()
         prompts = {"x": [3, 1], "y": [9, 9, 2]}
         keep = asyncio.create_task(run_device(_device("x", prompts["x"], port), drafter=drafter))
-        flaky = asyncio.create_task(run_device(_device("y", prompts["y"], port), drafter=drafter))
+        flaky_cfg = _device("y", prompts["y"], port)
+        flaky = asyncio.create_task(run_device(flaky_cfg, drafter=drafter))
         await server.wait_for_users(2)
         for _ in range(4):
             await server.play_round()
@@ -153,7 +154,10 @@ def test_disconnect_and_rejoin_lose_and_duplicate_nothing(pair):
             assert [u["device_id"] for u in rec.users] == ["x"]
         assert server.verifier.outputs["y"] == committed_before
         rejoined = asyncio.create_task(
-            run_device(_device("y", prompts["y"], port, seed=5), drafter=drafter)
+            run_device(
+                _device("y", prompts["y"], port, seed=5, session=flaky_cfg.session),
+                drafter=drafter,
+            )
         )
         await server.wait_for_users(2)
         for _ in range(4):
@@ -193,7 +197,7 @@ def test_protocol_validation_names_the_problem():
     with pytest.raises(proto.ProtocolError, match="missing field 'kept'"):
         proto.validate(
             {
-                "v": 1,
+                "v": proto.PROTOCOL_VERSION,
                 "type": "draft",
                 "round": 1,
                 "tokens": [1],
@@ -208,7 +212,7 @@ def test_protocol_validation_names_the_problem():
     with pytest.raises(proto.ProtocolError, match="must be finite"):
         proto.message("round", round=0, draft_length=2, bandwidth_hz=float("nan"), spectral_eff=1.0)
     with pytest.raises(proto.ProtocolError, match="unknown message type"):
-        proto.validate({"v": 1, "type": "shutdown"})
+        proto.validate({"v": proto.PROTOCOL_VERSION, "type": "shutdown"})
     msg = proto.message("result", round=3, accepted=1, committed=[4, 5])
     assert proto.decode(proto.encode(msg)[4:]) == msg
 

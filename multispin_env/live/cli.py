@@ -6,7 +6,15 @@ Devices are separate processes (``python -m multispin_env.live.device``) on loop
 with its own drafter, a speed factor drawn from U[0.85, 1.15] (the paper's spread) and a mean
 channel gain from U(0.2, 0.5). Prompts are the openings of held-out standard-library files.
 Prints per-round progress, then a per-user table and the goodput on the timeline (measured
-compute + emulated uplink + measured verification) and on the wall clock.
+compute + emulated uplink + measured verification) and on the wall clock. Writes, beside the
+trace (relative paths are relative to the current directory): ``<trace>.summary.json``,
+``<trace>.outputs.json`` (each user's prompt, committed tokens and text) and each device
+process's log in ``<trace>.devices/``. Ctrl-C ends the run after the current round and still
+writes the summary of the rounds played (exit status 130).
+
+Devices run in their own process sessions, so Ctrl-C reaches only the server, which says bye
+to them. With ``--host`` other than loopback the server needs a deployment token
+(``--auth-token`` or ``MULTISPIN_AUTH_TOKEN``), which the spawned devices are given.
 """
 
 from __future__ import annotations
@@ -15,8 +23,11 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +63,20 @@ def spawn_device(
     time_scale: float = 1.0,
     hf_model: str | None = None,
     device: str = "cpu",
+    host: str = "127.0.0.1",
+    auth_token: str | None = None,
+    log_path: str | Path | None = None,
 ) -> subprocess.Popen:
-    """Start one device process (``python -m multispin_env.live.device``) on loopback."""
+    """Start one device process (``python -m multispin_env.live.device``).
+
+    It runs in its own process session (Ctrl-C in the terminal reaches only the server) and
+    writes its stderr to ``log_path`` (default: discarded)."""
     cmd = [
         sys.executable,
         "-m",
         "multispin_env.live.device",
+        "--host",
+        host,
         "--port",
         str(port),
         "--device-id",
@@ -84,9 +103,45 @@ def spawn_device(
     cmd += ["--device", device]
     if greedy:
         cmd.append("--greedy")
-    return subprocess.Popen(
-        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL
-    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if auth_token:
+        env["MULTISPIN_AUTH_TOKEN"] = auth_token  # not on the command line: ps shows that
+    stderr = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    finally:
+        if log_path:
+            stderr.close()
+
+
+def _tail(path: Path, lines: int = 6) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def _wait_for_devices(server, procs, logs, timeout_s: float, stop: asyncio.Event) -> None:
+    """Until every device has joined; fails at once, with its log, if a device process died."""
+    deadline = time.perf_counter() + timeout_s
+    while len(server.connected) < len(procs) and not stop.is_set():
+        for i, proc in enumerate(procs):
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"device process {i} exited with status {proc.returncode} before joining; "
+                    f"its log ({logs[i]}):\n{_tail(logs[i])}"
+                )
+        if time.perf_counter() > deadline:
+            raise TimeoutError(
+                f"only {len(server.connected)} of {len(procs)} devices joined in {timeout_s:g} s"
+            )
+        await asyncio.sleep(0.05)
 
 
 async def run_live(args) -> dict:
@@ -97,22 +152,25 @@ async def run_live(args) -> dict:
     from multispin_env.live.scheduler import make_scheduler
     from multispin_env.live.server import EdgeServer, LiveConfig, write_trace_header
 
+    check_args(args)
     torch.set_num_threads(1)
     if args.hf_verifier:  # any pair of local Hugging Face causal LMs sharing a tokenizer
         from types import SimpleNamespace
 
         from multispin_env.live.hf import load_hf_pair
 
-        if not args.hf_drafter:
-            raise ValueError("--hf-verifier needs --hf-drafter too")
         _, verifier, tok = load_hf_pair(args.hf_drafter, args.hf_verifier, device=args.device)
         pair = SimpleNamespace(
             verifier=verifier, encode=lambda t: tok(t)["input_ids"], decode=tok.decode
         )
     else:
         pair = load_pair(args.model, device=args.device)
-    if args.trace:
-        write_trace_header(args.trace)
+    prompts = default_prompts(pair, args.users)
+    if len(prompts) < args.users:
+        raise ValueError(
+            f"--users {args.users}: the prompt set has only {len(prompts)} prompts; "
+            f"use --users {len(prompts)} or fewer"
+        )
     scheduler = make_scheduler(args.scheduler)
     max_users, max_draft_length = args.users, args.max_draft_length
     bundle = getattr(scheduler, "bundle", None)
@@ -124,6 +182,12 @@ async def run_live(args) -> dict:
         from multispin_env.registration import resolve_env_id
 
         args.scenario = resolve_env_id(bundle.meta["env_id"])[0]
+    if args.trace:
+        write_trace_header(args.trace)
+        log_dir = Path(args.trace).with_suffix(".devices")
+        log_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        log_dir = Path(tempfile.mkdtemp(prefix="multispin-devices-"))
     cfg = LiveConfig(
         max_users=max_users,
         greedy=args.greedy,
@@ -134,13 +198,21 @@ async def run_live(args) -> dict:
         seed=args.seed,
         scenario=args.scenario,
         round_timeout_s=args.round_timeout_s,
+        auth_token=args.auth_token,
     )
     server = EdgeServer(cfg, pair.verifier, scheduler, pair.verifier.cfg.vocab_size)
-    port = await server.start(port=args.port)
+    port = await server.start(host=args.host, port=args.port)
+    stop = asyncio.Event()  # Ctrl-C: finish the round, then wrap up
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass  # not the main thread, or no signal support: Ctrl-C interrupts as usual
     rng = np.random.default_rng(args.seed)
-    prompts = default_prompts(pair, args.users)
-    procs = []
+    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    procs, logs = [], []
     for i, prompt in enumerate(prompts):
+        logs.append(log_dir / f"dev-{i}.log")
         procs.append(
             spawn_device(
                 port,
@@ -155,12 +227,17 @@ async def run_live(args) -> dict:
                 seed=args.seed + i,
                 hf_model=args.hf_drafter,
                 device=args.drafter_device,
+                host=connect_host,
+                auth_token=args.auth_token,
+                log_path=logs[-1],
             )
         )
     try:
-        await server.wait_for_users(len(procs), timeout_s=120)
+        await _wait_for_devices(server, procs, logs, args.join_timeout_s, stop)
         bar = tqdm(range(args.rounds), desc=f"live rounds ({args.scheduler})", unit="round")
         for _ in bar:
+            if stop.is_set():
+                break
             rec = await server.play_round()
             if rec is None:
                 break
@@ -170,6 +247,7 @@ async def run_live(args) -> dict:
                 tokens=sum(u["committed"] for u in served),
                 timeline_ms=f"{1e3 * rec.timeline_s:.0f}",
             )
+        bar.close()
     finally:
         await server.stop()
         for p in procs:
@@ -177,7 +255,15 @@ async def run_live(args) -> dict:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-    summary = server.summary() | {"scheduler": args.scheduler, "users": len(procs)}
+        try:
+            loop.remove_signal_handler(signal.SIGINT)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    summary = server.summary() | {
+        "scheduler": args.scheduler,
+        "users": len(procs),
+        "interrupted": stop.is_set(),
+    }
     print(f"\n{'user':<8}{'speed':>6}{'tokens':>8}{'accept':>8}{'mean L':>8}{'drops':>6}")
     for uid, user in sorted(server.users.items()):
         rows = [r for rec in server.records for r in rec.users if r["device_id"] == uid]
@@ -193,11 +279,52 @@ async def run_live(args) -> dict:
         f"({summary['timeline_s']:.2f} s), {summary['goodput_wall_tokens_per_s']:.1f} on the "
         f"wall clock ({summary['wall_s']:.2f} s); acceptance {summary['accept_frac']:.3f}"
     )
-    sample = next(iter(server.verifier.outputs))
-    print(f"sample output of {sample}: {pair.decode(server.verifier.outputs[sample][:40])!r}")
+    if server.verifier.outputs:
+        sample = next(iter(server.verifier.outputs))
+        text = pair.decode(server.verifier.outputs[sample][:40])
+        print(f"sample output of {sample}: {text!r}")
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (0, None)]
+    for i, code in failed:
+        print(f"device dev-{i} exited with status {code}; log: {logs[i]}", file=sys.stderr)
     if args.trace:
-        print(f"trace: {args.trace}")
+        trace = Path(args.trace)
+        outputs = {
+            uid: {
+                "prompt": prompts[int(uid.split("-")[1])],
+                "tokens": server.verifier.outputs[uid],
+                "text": pair.decode(server.verifier.outputs[uid]),
+                "end_reason": user.end_reason,
+            }
+            for uid, user in sorted(server.users.items())
+        }
+        trace.with_suffix(".outputs.json").write_text(json.dumps(outputs, indent=1))
+        trace.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+        print(
+            f"trace: {trace.resolve()}\nsummary, outputs: "
+            f"{trace.with_suffix('.summary.json').resolve()}, "
+            f"{trace.with_suffix('.outputs.json').resolve()}\ndevice logs: {log_dir.resolve()}"
+        )
     return summary
+
+
+def check_args(args) -> None:
+    """Refuse option combinations that cannot work, before anything starts."""
+    if bool(args.hf_drafter) != bool(args.hf_verifier):
+        given, missing = (
+            ("--hf-drafter", "--hf-verifier")
+            if args.hf_drafter
+            else ("--hf-verifier", "--hf-drafter")
+        )
+        raise ValueError(
+            f"{given} needs {missing} too: a Hugging Face pair is both models (sharing one "
+            "tokenizer); leave both out for the built-in pair"
+        )
+    for flag in ("hf_drafter", "hf_verifier", "model"):
+        folder = getattr(args, flag)
+        if folder and not Path(folder).is_dir():
+            raise ValueError(f"--{flag.replace('_', '-')} {folder}: no such folder")
+    if args.model and args.hf_verifier:
+        raise ValueError("--model and --hf-drafter/--hf-verifier exclude each other")
 
 
 def live_args(**overrides) -> argparse.Namespace:
@@ -210,18 +337,52 @@ def live_args(**overrides) -> argparse.Namespace:
     return args
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multispin live", description=__doc__.split("\n")[0])
-    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--users", type=_at_least(1), default=4, help="device processes to start (>= 1)")
     p.add_argument(
         "--scheduler",
         default="hete",
         help="fixed, uni_bw, homo, hete, or bundle:FOLDER (an exported policy)",
     )
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=_at_least(1), default=30, help="rounds to play")
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
-    p.add_argument("--hf-drafter", default=None, help="local Hugging Face drafter folder")
-    p.add_argument("--hf-verifier", default=None, help="local Hugging Face verifier folder")
+    p.add_argument(
+        "--hf-drafter", default=None, help="local Hugging Face drafter folder (with --hf-verifier)"
+    )
+    p.add_argument(
+        "--hf-verifier", default=None, help="local Hugging Face verifier folder (with --hf-drafter)"
+    )
     p.add_argument(
         "--device", default="cpu", help="torch device of the server's verifier: cpu or cuda"
     )
@@ -236,22 +397,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset for channel constants and the scheduler's priors "
         "(with a bundle scheduler: the policy's training scenario)",
     )
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--kept-vocab", type=int, default=1024)
-    p.add_argument("--max-draft-length", type=int, default=8)
-    p.add_argument("--round-timeout-s", type=float, default=10.0)
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trace", default="results/live/trace.jsonl")
+    p.add_argument(
+        "--greedy", action="store_true", help="argmax drafting and verification (deterministic)"
+    )
+    p.add_argument(
+        "--temperature", type=_positive_float, default=1.0, help="sampling temperature (> 0)"
+    )
+    p.add_argument(
+        "--kept-vocab",
+        type=_at_least(1),
+        default=1024,
+        help="probabilities uploaded per drafted token (top-k of the drafter's PMF)",
+    )
+    p.add_argument(
+        "--max-draft-length", type=_at_least(1), default=8, help="L_max, the longest draft"
+    )
+    p.add_argument(
+        "--round-timeout-s",
+        type=_positive_float,
+        default=10.0,
+        help="how long a round waits for drafts; late devices are dropped from the round",
+    )
+    p.add_argument(
+        "--join-timeout-s",
+        type=_positive_float,
+        default=120.0,
+        help="how long to wait for every device to join (a device that dies fails at once)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the server listens on (other than loopback: needs --auth-token)",
+    )
+    p.add_argument("--port", type=_port, default=0, help="TCP port (0: any free port)")
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("MULTISPIN_AUTH_TOKEN"),
+        help="deployment token every device must present (default: $MULTISPIN_AUTH_TOKEN)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds channels, devices and sampling")
+    p.add_argument(
+        "--trace",
+        default="results/live/trace.jsonl",
+        help="per-round JSONL trace, relative to the current directory; the summary, the "
+        "generated text and device logs go beside it ('' for none)",
+    )
     return p
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     summary = asyncio.run(run_live(args))
-    if args.trace:
-        Path(args.trace).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
+    if summary.get("interrupted"):
+        print(f"interrupted after {summary['rounds']} rounds", file=sys.stderr)
+        sys.exit(130)
     return summary
 
 

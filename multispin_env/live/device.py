@@ -8,14 +8,24 @@ uplink (payload bits / (B_k r_k), the paper's Eq. 9) before sending the draft. C
 is measured as this process's CPU time (so it does not grow when devices share the host's
 cores) times the device's speed factor; slower devices (factor > 1) also sleep the extra
 time so that wall-clock behaves like the timeline.
+
+The welcome carries a session secret: a device keeps it (in memory, and in
+``--session-file`` if given, so a restarted process can rejoin) and sends it to rejoin. The
+server pings between rounds; a device that hears nothing for ``--server-timeout-s`` says
+"server gone" and exits non-zero, as it does when the server closes without a bye. Exit
+codes: 0 after the server's bye or the end of its request, 2 when the server refuses the
+device, 3 when the server is gone, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +45,10 @@ class DeviceConfig:
         greedy, temperature, kept_vocab: decoding settings (must match the server's).
         seed: seeds this device's draft sampling.
         time_scale: multiplies emulated sleeps (tests use < 1 to run faster).
+        session: the session secret from a previous welcome (to rejoin); set on welcome.
+        session_file: where the secret is kept across restarts of the process.
+        auth_token: the deployment token, where the server requires one.
+        server_timeout_s: silence after which the server is taken to be gone.
     """
 
     device_id: str
@@ -52,7 +66,19 @@ class DeviceConfig:
     prob_bits: int = 16
     hf_model: str | None = None  # a local Hugging Face model folder instead of model_dir
     device: str = "cpu"
+    session: str | None = None
+    session_file: str | None = None
+    auth_token: str | None = None
+    server_timeout_s: float = 30.0
     log: list = field(default_factory=list)
+
+
+class ServerGone(ConnectionError):
+    """The server closed without a bye or fell silent."""
+
+
+class Refused(RuntimeError):
+    """The server refused this device (its error reply says why)."""
 
 
 async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
@@ -73,31 +99,53 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
         greedy=cfg.greedy, temperature=cfg.temperature, kept_vocab=cfg.kept_vocab
     )
     session = DrafterSession(drafter, decoding, np.random.default_rng(cfg.seed))
-    reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
-    await proto.send_message(
-        writer,
-        proto.message(
-            "hello",
-            device_id=cfg.device_id,
-            prompt=cfg.prompt,
-            speed_factor=cfg.speed_factor,
-            mean_gain=cfg.mean_gain,
-        ),
-    )
-    welcome = await proto.read_message(reader)
-    if welcome["type"] != "welcome":
-        raise proto.ProtocolError(f"expected welcome, got {welcome['type']}")
-    committed = list(welcome["committed"])
-    session.start(cfg.prompt + committed)
-    last_round = None
-    vocab = drafter.cfg.vocab_size
+    if not cfg.prompt:
+        raise ValueError("the prompt needs at least one token")
+    if cfg.session is None and cfg.session_file and Path(cfg.session_file).exists():
+        cfg.session = Path(cfg.session_file).read_text().strip() or None
     try:
+        reader, writer = await asyncio.open_connection(cfg.host, cfg.port)
+    except OSError as err:
+        raise ServerGone(f"cannot reach the server at {cfg.host}:{cfg.port}: {err}") from err
+    hello = {
+        "device_id": cfg.device_id,
+        "prompt": cfg.prompt,
+        "speed_factor": cfg.speed_factor,
+        "mean_gain": cfg.mean_gain,
+    }
+    if cfg.session:
+        hello["session"] = cfg.session
+    if cfg.auth_token:
+        hello["auth"] = cfg.auth_token
+    context = drafter.cfg.n_positions
+    vocab = drafter.cfg.vocab_size
+    committed: list[int] = []
+    try:
+        await proto.send_message(writer, proto.message("hello", **hello))
+        welcome = await _next(reader, cfg)
+        if welcome["type"] == "error":
+            raise Refused(f"server refused {cfg.device_id!r}: {welcome['message']}")
+        if welcome["type"] != "welcome":
+            raise proto.ProtocolError(f"expected welcome, got {welcome['type']}")
+        cfg.session = welcome["session"]
+        if cfg.session_file:
+            Path(cfg.session_file).write_text(cfg.session)
+        committed = list(welcome["committed"])
+        session.start(cfg.prompt + committed)
+        last_round = None
         while True:
-            msg = await proto.read_message(reader)
+            msg = await _next(reader, cfg)
             kind = msg["type"]
             if kind == "round":
+                # the server keeps drafts within its context; a smaller drafter caps here
+                room = context - len(cfg.prompt) - len(committed)
+                length = min(msg["draft_length"], room)
+                if length < 1:
+                    cfg.log.append("drafter context full; leaving")
+                    await proto.send_message(writer, proto.message("bye"))
+                    break
                 t0 = time.thread_time()
-                draft = session.propose(msg["draft_length"])
+                draft = session.propose(length)
                 compute_s = (time.thread_time() - t0) * cfg.speed_factor
                 rate_bps = msg["bandwidth_hz"] * msg["spectral_eff"]
                 upload_s = draft.payload_bits(vocab, cfg.prob_bits) / max(rate_bps, 1e-9)
@@ -125,35 +173,110 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                 committed.extend(msg["committed"])
             elif kind == "error":
                 cfg.log.append(f"server error {msg['code']}: {msg['message']}")
+                if msg["code"] in ("unresponsive", "bad_frame", "too_slow"):
+                    raise ServerGone(f"the server hung up: {msg['message']}")
+            elif kind == "end":
+                cfg.log.append(f"request ended: {msg['reason']}")
+                await proto.send_message(writer, proto.message("bye"))
+                break
             elif kind == "bye":
                 break
-    except asyncio.IncompleteReadError:
-        pass  # server closed the connection
+    except asyncio.IncompleteReadError as err:
+        raise ServerGone("the server closed the connection without a bye") from err
+    except ConnectionResetError as err:
+        raise ServerGone(f"the connection to the server was reset ({err})") from err
     finally:
         writer.close()
     return committed
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7400)
-    p.add_argument("--device-id", required=True)
-    p.add_argument("--prompt", required=True, help="comma-separated token ids")
-    p.add_argument("--speed-factor", type=float, default=1.0)
-    p.add_argument("--mean-gain", type=float, default=0.35)
+async def _next(reader, cfg: DeviceConfig) -> dict:
+    """The next message that is not a ping; ServerGone after ``server_timeout_s`` of silence."""
+    while True:
+        try:
+            msg = await proto.read_message(
+                reader, idle_timeout_s=cfg.server_timeout_s, frame_timeout_s=cfg.server_timeout_s
+            )
+        except asyncio.TimeoutError as err:
+            raise ServerGone(f"no message from the server in {cfg.server_timeout_s:g} s") from err
+        if msg["type"] != "ping":
+            return msg
+
+
+def _token_list(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        msg = f"--prompt must be comma-separated token ids: {err}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError("--prompt needs at least one non-negative token id")
+    return ids
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m multispin_env.live.device", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--host", default="127.0.0.1", help="the edge server's address")
+    p.add_argument("--port", type=int, default=7400, help="the edge server's port")
+    p.add_argument("--device-id", required=True, help="this user's name (1-64 characters)")
+    p.add_argument("--prompt", required=True, type=_token_list, help="comma-separated token ids")
+    p.add_argument(
+        "--speed-factor",
+        type=_positive(float),
+        default=1.0,
+        help="compute slowdown vs this host (> 1: a slower device)",
+    )
+    p.add_argument(
+        "--mean-gain", type=_positive(float), default=0.35, help="average channel gain H_bar_k"
+    )
     p.add_argument("--model", default=None, help="model pair folder (default: built-in pair)")
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--kept-vocab", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="argmax drafting (as the server)")
+    p.add_argument("--temperature", type=_positive(float), default=1.0, help="sampling temperature")
+    p.add_argument(
+        "--kept-vocab", type=_positive(int), default=1024, help="probabilities uploaded per token"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds this device's draft sampling")
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="multiplies emulated sleeps (tests: 0)"
+    )
     p.add_argument("--hf-model", default=None, help="local Hugging Face drafter folder")
     p.add_argument("--device", default="cpu", help="torch device for the drafter")
-    a = p.parse_args(argv)
+    p.add_argument(
+        "--session-file",
+        default=None,
+        help="file keeping the session secret, so a restarted device rejoins its session",
+    )
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("MULTISPIN_AUTH_TOKEN"),
+        help="deployment token, where the server requires one (default: $MULTISPIN_AUTH_TOKEN)",
+    )
+    p.add_argument(
+        "--server-timeout-s",
+        type=_positive(float),
+        default=30.0,
+        help="silence from the server after which it is taken to be gone",
+    )
+    return p
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
     cfg = DeviceConfig(
         device_id=a.device_id,
-        prompt=[int(t) for t in a.prompt.split(",")],
+        prompt=a.prompt,
         host=a.host,
         port=a.port,
         speed_factor=a.speed_factor,
@@ -166,8 +289,23 @@ def main(argv=None) -> None:
         time_scale=a.time_scale,
         hf_model=a.hf_model,
         device=a.device,
+        session_file=a.session_file,
+        auth_token=a.auth_token,
+        server_timeout_s=a.server_timeout_s,
     )
-    asyncio.run(run_device(cfg))
+    try:
+        asyncio.run(run_device(cfg))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Refused as err:
+        print(f"device {cfg.device_id}: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ServerGone as err:
+        print(f"device {cfg.device_id}: server gone: {err}", file=sys.stderr)
+        sys.exit(3)
+    except (ValueError, proto.ProtocolError) as err:  # bad model folder, prompt, message
+        print(f"device {cfg.device_id}: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -150,9 +150,11 @@ class GPT(nn.Module):
         if min(counts) < 1:
             raise ValueError("every row needs at least one new token")
         t_max, n_max = max(lens), max(counts)
-        if t_max + n_max > self.cfg.n_positions:
+        # positions are per row (left-padded caches), so only each row's own length counts
+        longest = max(t + n for t, n in zip(lens, counts, strict=True))
+        if longest > self.cfg.n_positions:
             raise ValueError(
-                f"sequence of {t_max + n_max} tokens exceeds n_positions={self.cfg.n_positions}"
+                f"sequence of {longest} tokens exceeds n_positions={self.cfg.n_positions}"
             )
         dev = self.transformer.wte.weight.device
         ids = torch.zeros(b, n_max, dtype=torch.long)

@@ -3,20 +3,33 @@
 Framing: a 4-byte big-endian length, then one msgpack map. Every message carries the schema
 version ``v`` and a ``type``; :func:`decode` checks both and every field's type before a
 message is acted on, so a malformed or foreign message raises :class:`ProtocolError` (which
-names the field) and changes nothing.
+names the field) and changes nothing. A frame whose length header is over the reader's limit
+raises :class:`FrameError`: the stream can no longer be trusted to be in step, so the reader
+closes the connection instead of reading on.
 
-Messages (v1):
+This module checks *form* (types, finiteness, sizes of strings and lists). What a value means
+for the run (token ids below the vocabulary, a draft no longer than requested, buffers of the
+announced size, a prompt that fits the verifier's context) is checked by the server, which
+knows the models: see :mod:`multispin_env.live.validation`.
+
+Messages (v2; fields in brackets are optional):
 
 ============  =========  ==========================================================
 type          direction  fields
 ============  =========  ==========================================================
-hello         dev -> srv device_id, prompt (token ids), speed_factor, mean_gain
-welcome       srv -> dev user_id, committed (all tokens committed so far: a rejoining
-                         device rebuilds its state from the server's record)
+hello         dev -> srv device_id, prompt (token ids), speed_factor, mean_gain,
+                         [session] (the secret from a previous welcome, to rejoin),
+                         [auth] (the deployment token, where the server requires one)
+welcome       srv -> dev user_id, session (this session's secret: keep it to rejoin),
+                         committed (all tokens committed so far: a rejoining device
+                         rebuilds its state from the server's record)
 round         srv -> dev round, draft_length, bandwidth_hz, spectral_eff
 draft         dev -> srv round, tokens, q_indices (int32 bytes), q_values (fp16 bytes),
                          kept, compute_s (drafting CPU time x speed factor), upload_s
 result        srv -> dev round, accepted, committed
+end           srv -> dev reason (the user's request is over, e.g. the verifier's context
+                         is full; the device leaves with what it has)
+ping          srv -> dev (none): the server is alive between rounds
 error         both       code, message
 bye           both       (none)
 ============  =========  ==========================================================
@@ -30,8 +43,10 @@ import struct
 
 import msgpack
 
-PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 16 * 1024 * 1024
+PROTOCOL_VERSION = 2
+MAX_FRAME_BYTES = 16 * 1024 * 1024  # what a device accepts from the server
+MAX_ID_CHARS = 64
+MAX_TOKENS_PER_LIST = 1 << 16  # form check only; the server applies the real limits
 
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {
@@ -40,7 +55,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "speed_factor": (int, float),
         "mean_gain": (int, float),
     },
-    "welcome": {"user_id": int, "committed": list},
+    "welcome": {"user_id": int, "session": str, "committed": list},
     "round": {
         "round": int,
         "draft_length": int,
@@ -57,13 +72,44 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "upload_s": (int, float),
     },
     "result": {"round": int, "accepted": int, "committed": list},
+    "end": {"reason": str},
+    "ping": {},
     "error": {"code": str, "message": str},
     "bye": {},
 }
+OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"session": str, "auth": str},
+}
+
+
+def _check_field(kind: str, name: str, value, expected) -> None:
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise ProtocolError(f"{kind}.{name} must be {expected}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(f"{kind}.{name} must be finite")
+    if isinstance(value, str) and len(value) > 4096:
+        raise ProtocolError(f"{kind}.{name} is {len(value)} characters; at most 4096")
+    if name in ("prompt", "tokens", "committed"):
+        if len(value) > MAX_TOKENS_PER_LIST:
+            raise ProtocolError(
+                f"{kind}.{name} has {len(value)} tokens; at most {MAX_TOKENS_PER_LIST}"
+            )
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+            raise ProtocolError(f"{kind}.{name} must be a list of non-negative token ids")
+    if name == "device_id" and not (
+        0 < len(value) <= MAX_ID_CHARS and value.isprintable() and not value.isspace()
+    ):
+        raise ProtocolError(
+            f"{kind}.device_id must be 1..{MAX_ID_CHARS} printable characters, got {value!r:.80}"
+        )
 
 
 class ProtocolError(ValueError):
     """A message that cannot be applied; the text names what is wrong."""
+
+
+class FrameError(ProtocolError):
+    """A frame that breaks the framing itself (over the size limit): close the connection."""
 
 
 def message(kind: str, **fields) -> dict:
@@ -86,15 +132,10 @@ def validate(msg) -> dict:
     for name, expected in SCHEMAS[kind].items():
         if name not in msg:
             raise ProtocolError(f"{kind} message is missing field {name!r}")
-        value = msg[name]
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise ProtocolError(f"{kind}.{name} must be {expected}, got {type(value).__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError(f"{kind}.{name} must be finite")
-        if name in ("prompt", "tokens", "committed") and not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
-        ):
-            raise ProtocolError(f"{kind}.{name} must be a list of non-negative token ids")
+        _check_field(kind, name, msg[name], expected)
+    for name, expected in OPTIONAL.get(kind, {}).items():
+        if name in msg:
+            _check_field(kind, name, msg[name], expected)
     return msg
 
 
@@ -113,13 +154,25 @@ def decode(body: bytes) -> dict:
     return validate(msg)
 
 
-async def read_message(reader: asyncio.StreamReader) -> dict:
-    """The next message; raises ProtocolError for bad frames, IncompleteReadError at EOF."""
-    header = await reader.readexactly(4)
+async def read_message(
+    reader: asyncio.StreamReader,
+    max_bytes: int = MAX_FRAME_BYTES,
+    idle_timeout_s: float | None = None,
+    frame_timeout_s: float | None = None,
+) -> dict:
+    """The next message.
+
+    Raises :class:`ProtocolError` for a bad message (the stream stays in step),
+    :class:`FrameError` for a frame over ``max_bytes`` (the stream is not in step: close it),
+    ``asyncio.TimeoutError`` when no frame starts within ``idle_timeout_s`` or a started frame
+    does not arrive whole within ``frame_timeout_s`` (a peer trickling bytes), and
+    ``IncompleteReadError`` at EOF."""
+    first = await asyncio.wait_for(reader.readexactly(1), idle_timeout_s)
+    header = first + await asyncio.wait_for(reader.readexactly(3), frame_timeout_s)
     (size,) = struct.unpack(">I", header)
-    if size > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
-    return decode(await reader.readexactly(size))
+    if size > max_bytes:
+        raise FrameError(f"frame of {size} bytes exceeds this connection's limit of {max_bytes}")
+    return decode(await asyncio.wait_for(reader.readexactly(size), frame_timeout_s))
 
 
 async def send_message(writer: asyncio.StreamWriter, msg: dict) -> None:

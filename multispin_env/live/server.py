@@ -11,9 +11,23 @@ One asyncio process. Every round it:
    rule, sends the results and appends one JSON line to the trace.
 
 The server is the single source of truth for each user's committed tokens (``outputs``): a
-device that reconnects with the same ``device_id`` is sent them and resumes from there, so
-nothing accepted is lost or duplicated. Malformed or out-of-order messages get an ``error``
-reply and are not applied.
+device that reconnects with the same ``device_id`` *and the session secret from its welcome*
+is sent them and resumes from there, so nothing accepted is lost or duplicated; a hello that
+names a taken id without the secret is refused (it would otherwise read and take over that
+user's session).
+
+One bad peer affects only itself. Malformed messages, out-of-order drafts and well-formed
+messages with bad values (token ids, draft sizes, times, gains; see
+:mod:`multispin_env.live.validation`) get an ``error`` reply and are not applied; a rejected
+draft counts as that user's (empty) answer for the round, so the others do not wait for it.
+A connection must say hello within ``hello_timeout_s``, a started frame must arrive within
+``frame_timeout_s``, frames are capped (small before hello), connections are capped, and a
+device that misses ``max_missed_rounds`` rounds in a row is disconnected, so a silent or
+trickling peer cannot stall the rounds or hold memory. A user whose text reaches the
+verifier's context limit gets its drafts shortened to fit, then an ``end`` message; the others
+go on. A device that says bye frees its slot at once; one that vanishes keeps its slot for
+``rejoin_grace_s``. Where ``auth_token`` is set, every hello must carry it (required when the
+server listens on a non-loopback address).
 
 Time is reported twice: on a *timeline* built from the devices' measured compute (CPU time
 x speed factor), the emulated uplink delays and the measured verification time, which does
@@ -23,7 +37,10 @@ not depend on how the devices share this host's cores; and as wall-clock.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +51,8 @@ from multispin_env.config import load_preset
 from multispin_env.episodes import ServerView
 from multispin_env.live import protocol as proto
 from multispin_env.live.scheduler import OnlineVerificationModel
-from multispin_env.live.speculative import DecodingConfig, Draft, VerifierServer
+from multispin_env.live.speculative import DecodingConfig, VerifierServer
+from multispin_env.live.validation import Rejected, RunLimits, check_hello, parse_draft
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.physics import spectral_efficiency
 
@@ -57,6 +75,16 @@ class LiveConfig:
         seed: seeds channels and the verifier's sampling.
         t_ref_s, horizon_s: observation normalisation and episode clock for schedulers that
             read the env's observation vector (default: the scenario's drafting latency).
+        hello_timeout_s: a new connection must say hello within this time.
+        frame_timeout_s: a frame, once started, must arrive whole within this time.
+        max_connections: open connections at once, hello or not (default 2 x max_users + 4).
+        max_missed_rounds: a connected device that misses this many rounds in a row is
+            disconnected (it may rejoin), so a silent device stalls at most that many rounds.
+        rejoin_grace_s: how long a device that vanished without bye keeps its slot.
+        heartbeat_s: the server pings every device this often, so devices can tell a slow
+            round from a dead server.
+        auth_token: deployment token every hello must carry (None: no token; required when
+            listening on a non-loopback address).
     """
 
     max_users: int = 8
@@ -73,6 +101,35 @@ class LiveConfig:
     seed: int = 0
     t_ref_s: float | None = None
     horizon_s: float = 30.0
+    hello_timeout_s: float = 5.0
+    frame_timeout_s: float = 10.0
+    max_connections: int | None = None
+    max_missed_rounds: int = 2
+    rejoin_grace_s: float = 30.0
+    heartbeat_s: float = 2.0
+    auth_token: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = (
+            "round_timeout_s",
+            "hello_timeout_s",
+            "frame_timeout_s",
+            "heartbeat_s",
+            "temperature",
+            "horizon_s",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+                raise ValueError(f"LiveConfig.{name}={value!r} must be a finite number > 0")
+        for name in ("max_users", "max_draft_length", "kept_vocab", "max_missed_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"LiveConfig.{name}={value!r} must be an integer >= 1")
+        if self.rejoin_grace_s < 0:
+            raise ValueError(f"LiveConfig.rejoin_grace_s={self.rejoin_grace_s} must be >= 0")
+        if self.auth_token is not None and len(self.auth_token) < 8:
+            raise ValueError("LiveConfig.auth_token must have at least 8 characters")
 
 
 @dataclass
@@ -81,8 +138,14 @@ class _User:
     device_id: str
     mean_gain: float
     speed_factor: float
+    session: str
+    prompt_len: int
     writer: asyncio.StreamWriter | None = None
     t_draft_est_s: float = 2e-3
+    ended: bool = False  # said bye or finished its request: the slot is free
+    end_reason: str | None = None
+    disconnected_at: float | None = None
+    missed_rounds: int = 0
 
 
 @dataclass
@@ -93,6 +156,7 @@ class RoundRecord:
     timeline_s: float
     wall_s: float
     dropped: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
 
 
 class EdgeServer:
@@ -118,22 +182,48 @@ class EdgeServer:
         self.verification = OnlineVerificationModel()
         self.records: list[RoundRecord] = []
         self.protocol_errors: list[str] = []
+        kept = min(cfg.kept_vocab, vocab_size)
+        self.limits = RunLimits(vocab_size, int(verifier.cfg.n_positions), kept)
+        # frame caps: a hello carries a prompt; a draft at most L_max tokens with their PMFs
+        self.max_hello_bytes = 16 * self.limits.context_tokens + 4096
+        self.max_frame_bytes = cfg.max_draft_length * (kept * 6 + 16) + 4096
+        self.max_connections = cfg.max_connections or 2 * cfg.max_users + 4
         self._round = -1
         self._expected: set[str] = set()
-        self._inbox: dict[str, dict] = {}
+        self._requested: dict[str, int] = {}
+        self._inbox: dict = {}
+        self._rejected: set[str] = set()
         self._arrived = asyncio.Event()
         self._server = None
+        self._heartbeat = None
         self._connections: set = set()  # server-side stream writers of open connections
         self.port = None
 
     # ---------------------------------------------------------------- connections
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        if not _is_loopback(host) and not self.cfg.auth_token:
+            raise ValueError(
+                f"listening on {host!r} (not loopback) needs a deployment token: pass "
+                "--auth-token or set MULTISPIN_AUTH_TOKEN, and give the devices the same"
+            )
         self._server = await asyncio.start_server(self._handle, host, port)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._heartbeat = asyncio.create_task(self._ping_loop())
         return self.port
+
+    async def _ping_loop(self) -> None:
+        ping = proto.encode(proto.message("ping"))
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            for user in self.connected:
+                # write() only queues: a device that never reads is dropped by missed rounds
+                if not user.writer.is_closing():
+                    user.writer.write(ping)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Say bye to every device, let their connections end, then close the server."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for user in self.users.values():
             if user.writer is not None:
                 try:
@@ -160,87 +250,206 @@ class EdgeServer:
             (u for u in self.users.values() if u.writer is not None), key=lambda u: u.slot
         )
 
-    async def _reply_error(self, writer, code: str, text: str) -> None:
-        self.protocol_errors.append(f"{code}: {text}")
+    def _slot_taken(self, user: _User, now: float) -> bool:
+        if user.ended:
+            return False
+        if user.writer is not None or user.disconnected_at is None:
+            return True
+        return now - user.disconnected_at < self.cfg.rejoin_grace_s
+
+    def _free_slot(self, prefer: int | None = None) -> int | None:
+        now = time.monotonic()
+        used = {u.slot for u in self.users.values() if self._slot_taken(u, now)}
+        if prefer is not None and prefer not in used:
+            return prefer
+        free = [s for s in range(self.cfg.max_users) if s not in used]
+        return free[0] if free else None
+
+    async def _reply_error(self, writer, code: str, text: str, who: str = "?") -> None:
+        self.protocol_errors.append(f"{who}: {code}: {text}")
         try:
             await proto.send_message(writer, proto.message("error", code=code, message=text))
         except (ConnectionError, RuntimeError):
             pass
 
+    def _disconnect(self, user: _User, writer) -> None:
+        if user.writer is writer:
+            user.writer = None  # dropped from rounds, record kept
+            user.disconnected_at = time.monotonic()
+            self._expected.discard(user.device_id)
+            if self._expected <= set(self._inbox) | self._rejected:
+                self._arrived.set()
+
     async def _handle(self, reader, writer) -> None:
         user = None
+        if len(self._connections) >= self.max_connections:
+            await self._reply_error(
+                writer, "busy", f"the server has {self.max_connections} open connections"
+            )
+            writer.close()
+            return
         self._connections.add(writer)
         try:
-            hello = await proto.read_message(reader)
-            if hello["type"] != "hello":
-                await self._reply_error(writer, "expected_hello", f"got {hello['type']}")
-                writer.close()
-                return
-            user = self._register(hello, writer)
+            user = await self._hello(reader, writer)
             if user is None:
-                await self._reply_error(writer, "full", f"all {self.cfg.max_users} slots taken")
-                writer.close()
                 return
-            await proto.send_message(
-                writer,
-                proto.message(
-                    "welcome",
-                    user_id=user.slot,
-                    committed=list(self.verifier.outputs[user.device_id]),
-                ),
-            )
             while True:
                 try:
-                    msg = await proto.read_message(reader)
+                    msg = await proto.read_message(
+                        reader, self.max_frame_bytes, frame_timeout_s=self.cfg.frame_timeout_s
+                    )
+                except proto.FrameError as err:  # the stream is out of step: hang up
+                    await self._reply_error(writer, "bad_frame", str(err), user.device_id)
+                    break
                 except proto.ProtocolError as err:
-                    await self._reply_error(writer, "bad_message", str(err))
+                    await self._reply_error(writer, "bad_message", str(err), user.device_id)
                     continue
+                if user.writer is not writer:
+                    break  # the session rejoined on another connection
                 if msg["type"] == "draft":
-                    if msg["round"] != self._round or user.device_id not in self._expected:
-                        await self._reply_error(
-                            writer,
-                            "out_of_order",
-                            f"draft for round {msg['round']} while round "
-                            f"{self._round} is open; not applied",
-                        )
-                        continue
-                    self._inbox[user.device_id] = msg
-                    if self._expected <= set(self._inbox):
-                        self._arrived.set()
+                    await self._receive_draft(user, msg, writer)
                 elif msg["type"] == "bye":
+                    user.ended, user.end_reason = True, "bye"  # frees the slot
                     break
                 else:
-                    await self._reply_error(writer, "unexpected", f"{msg['type']} from a device")
+                    await self._reply_error(
+                        writer, "unexpected", f"{msg['type']} from a device", user.device_id
+                    )
+        except asyncio.TimeoutError:
+            who = user.device_id if user else "?"
+            await self._reply_error(
+                writer, "too_slow", "a frame did not arrive whole in time; closing", who
+            )
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass  # the device left, or the server is shutting down
-        except proto.ProtocolError as err:
-            await self._reply_error(writer, "bad_message", str(err))
         finally:
             # close our side too: a peer's EOF alone leaves the transport half-open, and on
             # Python >= 3.12 Server.wait_closed() waits for it (stop() hung there)
             writer.close()
             self._connections.discard(writer)
-            if user is not None and user.writer is writer:
-                user.writer = None  # disconnected: dropped from rounds, record kept
-                self._expected.discard(user.device_id)
-                if self._expected <= set(self._inbox):
-                    self._arrived.set()
+            if user is not None:
+                self._disconnect(user, writer)
 
-    def _register(self, hello: dict, writer) -> _User | None:
+    async def _hello(self, reader, writer) -> _User | None:
+        """Read and check the hello, register or resume the session, send the welcome."""
+        try:
+            hello = await proto.read_message(
+                reader,
+                self.max_hello_bytes,
+                idle_timeout_s=self.cfg.hello_timeout_s,
+                frame_timeout_s=self.cfg.hello_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            await self._reply_error(
+                writer, "hello_timeout", f"no hello within {self.cfg.hello_timeout_s:g} s"
+            )
+            return None
+        except proto.ProtocolError as err:
+            await self._reply_error(writer, "bad_message", str(err))
+            return None
+        if hello["type"] != "hello":
+            await self._reply_error(writer, "expected_hello", f"got {hello['type']}")
+            return None
+        device_id = hello["device_id"]
+        token = self.cfg.auth_token
+        if token and not hmac.compare_digest(hello.get("auth", "").encode(), token.encode()):
+            await self._reply_error(
+                writer, "unauthorized", "hello.auth does not match the deployment token"
+            )
+            return None
+        try:
+            check_hello(hello, self.limits)
+            user = self._register(hello, writer)
+        except Rejected as err:
+            await self._reply_error(writer, err.code, str(err), device_id)
+            return None
+        await proto.send_message(
+            writer,
+            proto.message(
+                "welcome",
+                user_id=user.slot,
+                session=user.session,
+                committed=list(self.verifier.outputs[user.device_id]),
+            ),
+        )
+        return user
+
+    def _register(self, hello: dict, writer) -> _User:
         device_id = hello["device_id"]
         user = self.users.get(device_id)
         if user is None:
-            used = {u.slot for u in self.users.values()}
-            free = [s for s in range(self.cfg.max_users) if s not in used]
-            if not free:
-                return None
+            slot = self._free_slot()
+            if slot is None:
+                raise Rejected("full", f"all {self.cfg.max_users} slots taken")
             user = _User(
-                free[0], device_id, float(hello["mean_gain"]), float(hello["speed_factor"])
+                slot,
+                device_id,
+                float(hello["mean_gain"]),
+                float(hello["speed_factor"]),
+                session=secrets.token_hex(16),
+                prompt_len=len(hello["prompt"]),
             )
             self.users[device_id] = user
             self.verifier.add_user(device_id, list(hello["prompt"]))
-        user.writer = writer
+            self._reset_history(slot)
+        else:
+            if not hmac.compare_digest(hello.get("session", "").encode(), user.session.encode()):
+                raise Rejected(
+                    "session_taken",
+                    f"device id {device_id!r} belongs to another session; to rejoin, send the "
+                    "session secret from its welcome, or pick a new device id",
+                )
+            if user.end_reason == "context_full":
+                raise Rejected("ended", "this request is over: the verifier's context is full")
+            slot = (
+                self._free_slot(prefer=user.slot)
+                if not self._slot_taken(user, time.monotonic())
+                else user.slot
+            )
+            if slot is None:
+                raise Rejected("full", f"all {self.cfg.max_users} slots taken")
+            if slot != user.slot:
+                user.slot = slot
+                self._reset_history(slot)
+            if user.writer is not None:  # the same session on a new connection wins
+                user.writer.close()
+            user.ended, user.end_reason = False, None
+        user.writer, user.disconnected_at, user.missed_rounds = writer, None, 0
         return user
+
+    def _reset_history(self, slot: int) -> None:
+        """Start slot ``slot``'s history from the prior (a new user took it)."""
+        h = self.history
+        h.successes[:, slot] = self.alpha_prior * h.prior_weight
+        h.trials[:, slot] = h.prior_weight
+        h.accept_frac[:, slot] = self.alpha_prior
+        for arr in (h.last_drafted, h.last_accepted, h.prev_share, h.spectral_eff_avg):
+            arr[:, slot] = 0.0
+
+    async def _receive_draft(self, user: _User, msg: dict, writer) -> None:
+        device_id = user.device_id
+        if msg["round"] != self._round or device_id not in self._expected:
+            await self._reply_error(
+                writer,
+                "out_of_order",
+                f"draft for round {msg['round']} while round {self._round} is open; not applied",
+                device_id,
+            )
+            return
+        if device_id in self._inbox or device_id in self._rejected:
+            await self._reply_error(
+                writer, "duplicate", f"a second draft for round {self._round}", device_id
+            )
+            return
+        try:
+            draft = parse_draft(msg, self._requested[device_id], self.limits)
+            self._inbox[device_id] = (draft, msg)
+        except Rejected as err:
+            # its answer for this round is "nothing": the others need not wait for it
+            self._rejected.add(device_id)
+            await self._reply_error(writer, err.code, f"{err} (round {self._round})", device_id)
+        if self._expected <= set(self._inbox) | self._rejected:
+            self._arrived.set()
 
     async def wait_for_users(self, count: int, timeout_s: float = 60.0) -> None:
         deadline = time.perf_counter() + timeout_s
@@ -287,8 +496,23 @@ class EdgeServer:
             np.array([horizon_frac]),
         )
 
+    def context_room(self, user: _User) -> int:
+        """Draft tokens that still fit in the verifier's context for this user."""
+        used = user.prompt_len + len(self.verifier.outputs[user.device_id])
+        return self.limits.context_tokens - used
+
+    async def _end_request(self, user: _User, reason: str) -> None:
+        user.ended, user.end_reason = True, reason
+        try:
+            await proto.send_message(user.writer, proto.message("end", reason=reason))
+        except (ConnectionError, RuntimeError, AttributeError):
+            pass
+
     async def play_round(self) -> RoundRecord | None:
-        users = self.connected
+        for user in self.connected:  # requests that no longer fit end here, cleanly
+            if self.context_room(user) < 1:
+                await self._end_request(user, "context_full")
+        users = [u for u in self.connected if not u.ended]
         if not users:
             return None
         wall0 = time.perf_counter()
@@ -311,9 +535,14 @@ class EdgeServer:
             lengths, bandwidth = self.scheduler.act(view, self.observation(users, r_est))
         else:
             lengths, bandwidth = self.scheduler.act(view)
-        lengths, bandwidth = lengths[0], bandwidth[0]
-        self._inbox, self._arrived = {}, asyncio.Event()
-        self._expected = set()
+        # near the context limit a draft is shortened to what still fits
+        lengths = [
+            max(1, min(int(length), self.context_room(u)))
+            for u, length in zip(users, lengths[0], strict=True)
+        ]
+        bandwidth = bandwidth[0]
+        self._inbox, self._rejected, self._arrived = {}, set(), asyncio.Event()
+        self._expected, self._requested = set(), {}
         for u, length, bw, r in zip(users, lengths, bandwidth, r_true, strict=True):
             try:
                 await proto.send_message(
@@ -327,6 +556,7 @@ class EdgeServer:
                     ),
                 )
                 self._expected.add(u.device_id)
+                self._requested[u.device_id] = int(length)
             except (ConnectionError, RuntimeError, AttributeError):
                 u.writer = None
         if self._expected:
@@ -335,16 +565,28 @@ class EdgeServer:
             except asyncio.TimeoutError:
                 pass
         received = {d: m for d, m in self._inbox.items() if d in self._expected}
+        rejected = sorted(self._rejected)
         self._expected = set()
         dropped = [u.device_id for u in users if u.device_id not in received]
-        drafts = {}
-        for device_id, msg in received.items():
-            kept = msg["kept"]
-            drafts[device_id] = Draft(
-                list(msg["tokens"]),
-                np.frombuffer(msg["q_indices"], dtype=np.int32).reshape(-1, kept),
-                np.frombuffer(msg["q_values"], dtype=np.float16).reshape(-1, kept),
-            )
+        for u in users:
+            if u.device_id in received or u.device_id in self._rejected:
+                u.missed_rounds = 0
+            elif u.writer is not None:
+                u.missed_rounds += 1
+                if u.missed_rounds >= self.cfg.max_missed_rounds:
+                    # a silent device would make every round wait the full timeout
+                    await self._reply_error(
+                        u.writer,
+                        "unresponsive",
+                        f"no draft in {u.missed_rounds} rounds in a row; disconnecting "
+                        "(rejoin with the session secret to continue)",
+                        u.device_id,
+                    )
+                    writer = u.writer
+                    self._disconnect(u, writer)
+                    writer.close()
+        drafts = {d: draft for d, (draft, _) in received.items()}
+        received = {d: msg for d, (_, msg) in received.items()}
         verify_s, results = 0.0, {}
         if drafts:
             t0 = time.perf_counter()
@@ -364,6 +606,7 @@ class EdgeServer:
                 "bandwidth_hz": float(bw),
                 "spectral_eff": float(r),
                 "dropped": u.device_id in dropped,
+                "rejected": u.device_id in self._rejected,
             }
             if u.device_id in results:
                 m, committed = results[u.device_id]
@@ -374,7 +617,8 @@ class EdgeServer:
                     "compute_s": msg["compute_s"],
                     "upload_s": msg["upload_s"],
                 }
-                u.t_draft_est_s = 0.7 * u.t_draft_est_s + 0.3 * msg["compute_s"] / int(length)
+                per_token_s = msg["compute_s"] / len(msg["tokens"])
+                u.t_draft_est_s = 0.7 * u.t_draft_est_s + 0.3 * per_token_s
                 drafted[0, u.slot], accepted_arr[0, u.slot] = len(msg["tokens"]), m
                 try:
                     await proto.send_message(
@@ -393,7 +637,7 @@ class EdgeServer:
             share[0, u.slot] = bw / self.bandwidth_hz
         self.history.update(drafted, accepted_arr, share, np.array([timeline]))
         record = RoundRecord(
-            self._round, rows, verify_s, timeline, time.perf_counter() - wall0, dropped
+            self._round, rows, verify_s, timeline, time.perf_counter() - wall0, dropped, rejected
         )
         self.records.append(record)
         if self.cfg.trace_path:
@@ -421,9 +665,25 @@ class EdgeServer:
             if self.records
             else 0.0,
             "dropped_user_rounds": sum(len(r.dropped) for r in self.records),
+            "rejected_drafts": sum(len(r.rejected) for r in self.records),
+            "protocol_errors": len(self.protocol_errors),
+            "ended_requests": sorted(
+                u.device_id for u in self.users.values() if u.end_reason == "context_full"
+            ),
         }
 
 
 def write_trace_header(path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False  # all interfaces
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: treat as reachable from outside

@@ -1,0 +1,139 @@
+"""What a message's values must mean before the server applies them.
+
+:mod:`multispin_env.live.protocol` checks a message's form; this module checks its values
+against the run: the models' vocabulary and context, the decoding settings, and what the
+server asked this device for. Every check raises :class:`Rejected` with a short ``code`` for
+the error reply and a message that names the field and what would be accepted. A rejected
+message changes nothing on the server, and only its sender hears about it.
+
+The checks that keep speculative decoding exact against a misbehaving device:
+
+- a draft may not be longer than the length the server requested (a device could otherwise
+  commit more tokens per round than it was given time and bandwidth for);
+- each drafted token must lie in the support of the PMF the device uploaded for it, with
+  q(x) > 0: the acceptance test ``u q(x) < p(x)`` passes for *every* u when q(x) = 0, so a
+  token the device claims it could never have drafted would always be accepted;
+- the PMF rows must be finite, non-negative, with distinct indices below the vocabulary, so
+  that server and device renormalise the same distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from multispin_env.live.protocol import ProtocolError
+from multispin_env.live.speculative import Draft
+
+# reported drafting / upload times above this are not physical for one round
+MAX_REPORTED_TIME_S = 3600.0
+MAX_SPEED_FACTOR = 1e3
+MAX_MEAN_GAIN = 1e6
+
+
+class Rejected(ProtocolError):
+    """A well-formed message whose values cannot be applied."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """What the run accepts.
+
+    Attributes:
+        vocab_size: token ids must be below this.
+        context_tokens: the verifier's context (prompt + generated text must fit).
+        kept: PMF entries per drafted token (min(kept_vocab, vocab_size), as devices upload).
+    """
+
+    vocab_size: int
+    context_tokens: int
+    kept: int
+
+
+def _positive_finite(field: str, value: float, upper: float) -> None:
+    if not (math.isfinite(value) and 0.0 < value <= upper):
+        raise Rejected("bad_value", f"{field}={value!r} must be finite, > 0 and <= {upper:g}")
+
+
+def check_hello(msg: dict, limits: RunLimits) -> None:
+    """A new session's prompt and device parameters."""
+    prompt = msg["prompt"]
+    if not prompt:
+        raise Rejected("bad_value", "hello.prompt is empty: send at least one token")
+    bad = [t for t in prompt if t >= limits.vocab_size]
+    if bad:
+        raise Rejected(
+            "bad_value",
+            f"hello.prompt has token id {bad[0]} >= the vocabulary size {limits.vocab_size}",
+        )
+    if len(prompt) >= limits.context_tokens:
+        raise Rejected(
+            "bad_value",
+            f"hello.prompt has {len(prompt)} tokens; the verifier's context is "
+            f"{limits.context_tokens}, so a prompt may have at most {limits.context_tokens - 1}",
+        )
+    _positive_finite("hello.mean_gain", float(msg["mean_gain"]), MAX_MEAN_GAIN)
+    _positive_finite("hello.speed_factor", float(msg["speed_factor"]), MAX_SPEED_FACTOR)
+
+
+def parse_draft(msg: dict, requested_length: int, limits: RunLimits) -> Draft:
+    """The :class:`Draft` in a ``draft`` message, after every value was checked."""
+    tokens = list(msg["tokens"])
+    n = len(tokens)
+    if n == 0:
+        raise Rejected("bad_draft", "draft.tokens is empty: draft at least one token")
+    if n > requested_length:
+        raise Rejected(
+            "bad_draft", f"draft has {n} tokens; this round's draft_length is {requested_length}"
+        )
+    if max(tokens) >= limits.vocab_size:
+        raise Rejected(
+            "bad_draft",
+            f"draft.tokens has id {max(tokens)} >= the vocabulary size {limits.vocab_size}",
+        )
+    kept = msg["kept"]
+    if kept != limits.kept:
+        raise Rejected(
+            "bad_draft",
+            f"draft.kept={kept}; this run uploads {limits.kept} probabilities per token "
+            "(min(kept_vocab, vocabulary)): use the server's --kept-vocab",
+        )
+    for field, itemsize in (("q_indices", 4), ("q_values", 2)):
+        size = len(msg[field])
+        if size != n * kept * itemsize:
+            raise Rejected(
+                "bad_draft",
+                f"draft.{field} has {size} bytes; {n} tokens x kept {kept} x {itemsize} bytes "
+                f"= {n * kept * itemsize} expected",
+            )
+    for field in ("compute_s", "upload_s"):
+        value = float(msg[field])
+        if not (math.isfinite(value) and 0.0 <= value <= MAX_REPORTED_TIME_S):
+            raise Rejected(
+                "bad_draft", f"draft.{field}={value!r} must be in [0, {MAX_REPORTED_TIME_S:g}] s"
+            )
+    indices = np.frombuffer(msg["q_indices"], dtype=np.int32).reshape(n, kept)
+    values = np.frombuffer(msg["q_values"], dtype=np.float16).reshape(n, kept)
+    if indices.min() < 0 or indices.max() >= limits.vocab_size:
+        raise Rejected("bad_draft", f"draft.q_indices must lie in [0, {limits.vocab_size})")
+    values64 = values.astype(np.float64)
+    if not np.all(np.isfinite(values64)) or values64.min() < 0:
+        raise Rejected("bad_draft", "draft.q_values must be finite and >= 0")
+    ordered = np.sort(indices, axis=1)
+    if kept > 1 and np.any(ordered[:, 1:] == ordered[:, :-1]):
+        raise Rejected("bad_draft", "draft.q_indices repeats an index within a token's PMF")
+    for i, x in enumerate(tokens):
+        where = np.flatnonzero(indices[i] == x)
+        if where.size == 0 or values64[i, where[0]] <= 0.0:
+            raise Rejected(
+                "bad_draft",
+                f"draft token {i} (id {x}) has probability 0 in its own uploaded PMF; a "
+                "device only drafts tokens it could sample",
+            )
+    return Draft(tokens, indices, values)
