@@ -92,6 +92,11 @@ class EvalProgressLogger(BaseCallback):
         return True
 
 
+RUN_META_ATTR = "multispin_run"
+"""Model attribute holding what a checkpoint needs to resume: env id, env kwargs, algo and the
+current rate price. SB3 saves every plain model attribute into the .zip's ``data``."""
+
+
 class RatePriceCallback(BaseCallback):
     """Average-reward training for a semi-Markov problem: reward = tokens - rho * time.
 
@@ -99,19 +104,40 @@ class RatePriceCallback(BaseCallback):
     When rho equals the best achievable goodput, maximising this per round is exactly
     goodput-optimal (Dinkelbach's method for ratio objectives), and the signal is immediate,
     so a short discount suffices. rho starts at ``initial_rate`` (the paper controller's
-    goodput) and follows the long-run goodput the policy achieves (total tokens / total time
-    of each rollout), smoothed by ``smoothing``.
+    goodput, or the checkpoint's rho on resume) and follows the long-run goodput the policy
+    achieves (total tokens / total time of each rollout), smoothed by ``smoothing``.
+
+    For on-policy algorithms only (PPO, A2C): each rollout is priced at one rho and used
+    once. An off-policy replay buffer would mix rewards priced at different rho values
+    (SAC/TD3 end a "rollout" every ``train_freq`` steps), so ``multispin train`` refuses that
+    combination. The current rho is kept in the model's ``multispin_run`` attribute, so
+    every checkpoint carries it.
     """
 
     def __init__(self, initial_rate: float, num_users: int, smoothing: float = 0.2) -> None:
         super().__init__()
+        if not (np.isfinite(initial_rate) and initial_rate > 0):
+            raise ValueError(f"initial_rate={initial_rate!r} must be a finite number > 0")
         self.rate, self.num_users, self.smoothing = float(initial_rate), num_users, smoothing
         self._tokens = 0.0
         self._time = 0.0
 
+    def _init_callback(self) -> None:
+        from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+        if isinstance(self.model, OffPolicyAlgorithm):
+            raise ValueError(
+                f"RatePriceCallback with {type(self.model).__name__}: the replay buffer would "
+                "mix rewards priced at different rho; use the horizon reward "
+                "(--horizon-reward) with off-policy algorithms"
+            )
+
     def _apply(self) -> None:
         weights = {"tokens": 1.0, "time": self.rate / self.num_users}
         self.training_env.env_method("set_reward_weights", weights, indices=0)
+        meta = getattr(self.model, RUN_META_ATTR, None)
+        if isinstance(meta, dict):
+            meta["rate_price_tokens_per_s"] = self.rate
 
     def _on_training_start(self) -> None:
         self._apply()

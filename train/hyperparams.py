@@ -99,15 +99,40 @@ def parse_policy_kwargs(text: str) -> dict[str, Any]:
     return value
 
 
+_WORDS = {
+    "true": True,
+    "false": False,
+    "none": None,
+    "null": None,
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "+inf": float("inf"),
+    "-inf": float("-inf"),
+}
+
+
+def parse_cli_value(raw: str) -> Any:
+    """One ``value`` of ``key:value``: a Python literal (``8``, ``1e-3``, ``'x'``,
+    ``{'tokens': 1.0}``); ``true``/``false`` (any case) as booleans, ``none``/``null`` as None,
+    ``nan``/``inf``/``-inf`` as floats (which validation then rejects by name); anything else
+    is kept as a string (``action_mode:lengths``)."""
+    text = raw.strip()
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw
+
+
 def parse_cli_kwargs(items: list[str] | None) -> dict[str, Any]:
-    """``key:value`` pairs (zoo's --env-kwargs / --hyperparams syntax), values as literals."""
+    """``key:value`` pairs (zoo's --env-kwargs / --hyperparams syntax); values as in
+    :func:`parse_cli_value`, so ``observe_true_alpha:false`` is ``False``, not the (truthy)
+    string ``'false'``."""
     out: dict[str, Any] = {}
     for item in items or []:
-        if ":" not in item:
+        key, sep, raw = item.partition(":")
+        if not sep or not key.strip():
             raise ValueError(f"expected key:value, got {item!r}")
-        key, raw = item.split(":", 1)
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
+        out[key.strip()] = parse_cli_value(raw)
     return out

@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ import numpy as np
 class TrainConfig:
     """One training run. Every field can be set on the command line."""
 
-    env_id: str = "multispin/PaperLlama2-v0"
-    """Registered env id (see multispin_env.registration.ENV_IDS)."""
-    algo: str = "ppo"
-    """ppo, a2c, sac or td3."""
+    env_id: str | None = None
+    """Registered env id (see multispin_env.registration.ENV_IDS); default
+    multispin/PaperLlama2-v0, or the checkpoint's with ``resume``."""
+    algo: str | None = None
+    """ppo, a2c, sac or td3; default ppo, or the checkpoint's with ``resume``."""
     timesteps: int | None = None
     """Environment steps to train for (default: the hyperparameter file's n_timesteps)."""
     seed: int = 0
@@ -39,7 +40,8 @@ class TrainConfig:
     n_envs: int | None = None
     """Parallel envs, stepped natively batched (default: the hyperparameter file's n_envs)."""
     env_kwargs: dict = field(default_factory=dict)
-    """Env options / scenario overrides, e.g. {"action_mode": "lengths"}."""
+    """Env options / scenario overrides, e.g. {"action_mode": "lengths"}. With ``resume``,
+    the checkpoint's are used; these may only repeat them."""
     hyperparams_file: str | None = None
     """rl-zoo3-format YAML (default: multispin_train/hyperparams/<algo>.yml)."""
     hyperparams: dict = field(default_factory=dict)
@@ -53,7 +55,8 @@ class TrainConfig:
     checkpoint_freq: int = 100_000
     """Save a checkpoint (model + VecNormalize) every this many env steps (0 disables)."""
     resume: str | None = None
-    """Checkpoint .zip to continue from (its VecNormalize file is picked up beside it)."""
+    """Checkpoint .zip to continue from (its VecNormalize file is picked up beside it). The
+    run's env id, env kwargs, algorithm and rate price rho come from the checkpoint."""
     torch_threads: int = 1
     """torch.set_num_threads; 1 is ~10x faster for small MLPs on 2 cores."""
     progress_bar: bool = True
@@ -62,12 +65,131 @@ class TrainConfig:
     """Measure the paper controller (Hete-Multi-SPIN) on the eval seeds and log the share."""
     name: str | None = None
     """Label used in evaluation tables."""
-    rate_reward: bool = True
+    rate_reward: bool | None = None
     """Train on tokens - rho * time with rho tracking the achieved goodput (average-reward,
-    Dinkelbach); evaluation always uses the plain goodput-aligned horizon return."""
+    Dinkelbach); evaluation always uses the plain goodput-aligned horizon return. None: on
+    for PPO/A2C, off (horizon return) for SAC/TD3, whose replay buffer would mix rewards
+    priced at different rho (True with those is refused)."""
 
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds never overlap training seeds
+DEFAULT_ENV_ID = "multispin/PaperLlama2-v0"
+ON_POLICY = ("ppo", "a2c")
+
+
+def read_run_meta(checkpoint: str | Path) -> dict | None:
+    """What a checkpoint (or model.zip) records about its run: ``env_id``, ``env_kwargs``,
+    ``algo`` and, with the rate reward, ``rate_price_tokens_per_s``. Older checkpoints
+    without it fall back to the run's ``config.json`` (no rate price then); None if neither
+    exists."""
+    import zipfile
+
+    from multispin_train.callbacks import RUN_META_ATTR
+
+    path = Path(checkpoint)
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = json.loads(z.read("data"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise ValueError(f"--resume {path} is not an SB3 model .zip ({err})") from err
+    meta = data.get(RUN_META_ATTR)
+    if isinstance(meta, dict) and "env_id" in meta:
+        return dict(meta)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        return {k: saved.get(k) for k in ("env_id", "env_kwargs", "algo")}
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal once both are JSON values (tuples vs lists, numpy scalars)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """A copy with every default settled and checked before any work starts: env id, algo,
+    env kwargs (from the checkpoint on ``resume``; conflicting explicit values are refused),
+    the reward (``rate_reward``), the env itself (built once, so a bad override fails here
+    naming the field) and the hyperparameter file. Raises ValueError/TypeError."""
+    from multispin_env.env import build_episodes
+    from multispin_env.registration import resolve_env_id
+    from multispin_train.hyperparams import ALGOS, load_hyperparams, split_hyperparams
+
+    cfg = replace(cfg, env_kwargs=dict(cfg.env_kwargs), hyperparams=dict(cfg.hyperparams))
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise ValueError(f"--resume {path} does not exist")
+        meta = read_run_meta(path)
+        if meta is None:
+            raise ValueError(
+                f"--resume {path}: the checkpoint does not record its env id and env kwargs and "
+                f"no config.json of its run was found (looked in "
+                f"{path.parent.parent if path.parent.name == 'checkpoints' else path.parent}); "
+                "resume a checkpoint inside its run directory"
+            )
+        saved_kwargs = dict(meta.get("env_kwargs") or {})
+        conflicts = []
+        if cfg.env_id is not None and cfg.env_id != meta["env_id"]:
+            conflicts.append(f"--env {cfg.env_id} (checkpoint: {meta['env_id']})")
+        if cfg.algo is not None and meta.get("algo") and cfg.algo != meta["algo"]:
+            conflicts.append(f"--algo {cfg.algo} (checkpoint: {meta['algo']})")
+        for key, value in cfg.env_kwargs.items():
+            if key not in saved_kwargs:
+                conflicts.append(f"--env-kwargs {key}:{value!r} (checkpoint: not set)")
+            elif not _same(value, saved_kwargs[key]):
+                conflicts.append(
+                    f"--env-kwargs {key}:{value!r} (checkpoint: {saved_kwargs[key]!r})"
+                )
+        if conflicts:
+            raise ValueError(
+                f"--resume {path} continues a run on env {meta['env_id']} with env kwargs "
+                f"{saved_kwargs}; these options conflict with it: {'; '.join(conflicts)}. "
+                "Drop them (the checkpoint's are used), or start a new run without --resume"
+            )
+        cfg.env_id, cfg.env_kwargs = meta["env_id"], saved_kwargs
+        cfg.algo = cfg.algo or meta.get("algo")
+    cfg.env_id = cfg.env_id or DEFAULT_ENV_ID
+    cfg.algo = cfg.algo or "ppo"
+    if cfg.algo not in ALGOS:
+        raise ValueError(f"algo={cfg.algo!r}; choose one of {ALGOS}")
+    if cfg.rate_reward is None:
+        cfg.rate_reward = cfg.algo in ON_POLICY
+    elif cfg.rate_reward and cfg.algo not in ON_POLICY:
+        raise ValueError(
+            f"the rate reward (tokens - rho * time) cannot train {cfg.algo}: rho moves after "
+            f"every rollout ({cfg.algo} ends one every train_freq steps), so its replay buffer "
+            "would mix rewards priced at different rho. Use --horizon-reward (the default "
+            f"for {cfg.algo}), or --algo ppo/a2c"
+        )
+    if cfg.rate_reward and not cfg.reference and _saved_rate(cfg) is None:
+        raise ValueError(
+            "--no-reference needs --horizon-reward: the rate reward starts its price rho at "
+            "the reference controller's goodput. Add --horizon-reward, or drop --no-reference"
+        )
+    for name in ("eval_freq", "checkpoint_freq"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0 (0 disables)")
+    for name in ("eval_episodes", "torch_threads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    for name in ("timesteps", "n_envs"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1")
+    scenario, kwargs = resolve_env_id(cfg.env_id)
+    build_episodes(scenario, {**kwargs, **cfg.env_kwargs}, num_envs=1)
+    split_hyperparams(load_hyperparams(cfg.algo, cfg.env_id, cfg.hyperparams_file, cfg.hyperparams))
+    return cfg
+
+
+def _saved_rate(cfg: TrainConfig) -> float | None:
+    """The rate price rho recorded in the ``resume`` checkpoint, if any."""
+    if not cfg.resume:
+        return None
+    meta = read_run_meta(cfg.resume) or {}
+    rate = meta.get("rate_price_tokens_per_s")
+    return float(rate) if isinstance(rate, (int, float)) and rate > 0 else None
 
 
 def _algo_class(name: str):
@@ -121,9 +243,15 @@ def train(cfg: TrainConfig) -> Path:
     from multispin_agents.policies import SolverPolicy
     from multispin_env.episodes import EnvOptions
     from multispin_eval.harness import SolverController, run_episodes, scenario_for
-    from multispin_train.callbacks import EvalProgressLogger, GoodputCallback, RatePriceCallback
+    from multispin_train.callbacks import (
+        RUN_META_ATTR,
+        EvalProgressLogger,
+        GoodputCallback,
+        RatePriceCallback,
+    )
     from multispin_train.hyperparams import load_hyperparams, split_hyperparams
 
+    cfg = resolve_config(cfg)
     torch.set_num_threads(cfg.torch_threads)
     raw = load_hyperparams(cfg.algo, cfg.env_id, cfg.hyperparams_file, cfg.hyperparams)
     zoo, algo_kwargs = split_hyperparams(raw)
@@ -148,8 +276,6 @@ def train(cfg: TrainConfig) -> Path:
         )
     if cfg.resume:
         resume = Path(cfg.resume)
-        if not resume.is_file():
-            raise ValueError(f"--resume {resume} does not exist")
         stats = resume.with_name(
             resume.name.replace("rl_model_", "rl_model_vecnormalize_")
         ).with_suffix(".pkl")
@@ -169,6 +295,11 @@ def train(cfg: TrainConfig) -> Path:
             **algo_kwargs,
         )
 
+    setattr(
+        model,
+        RUN_META_ATTR,
+        {"env_id": cfg.env_id, "env_kwargs": dict(cfg.env_kwargs), "algo": cfg.algo},
+    )
     reference = None
     if cfg.reference:
         ref = run_episodes(
@@ -183,10 +314,10 @@ def train(cfg: TrainConfig) -> Path:
     num_users = scenario.num_users
     # eval return (tokens per user inside the horizon) -> goodput in tokens/s
     scale = num_users / EnvOptions.build(scenario, **env_options).horizon_s
-    if cfg.rate_reward:
-        if reference is None:
-            raise ValueError("rate_reward needs the reference controller (drop --no-reference)")
-        callbacks.append(RatePriceCallback(initial_rate=reference, num_users=num_users))
+    initial_rate = None
+    if cfg.rate_reward:  # rho resumes from the checkpoint, else starts at the reference
+        initial_rate = _saved_rate(cfg) or reference
+        callbacks.append(RatePriceCallback(initial_rate=initial_rate, num_users=num_users))
     if cfg.eval_freq > 0:
         eval_env = build_vec_env(cfg, cfg.eval_episodes, eval_seeds[0], normalize, training=False)
         callbacks.append(
@@ -215,6 +346,7 @@ def train(cfg: TrainConfig) -> Path:
         "timesteps": timesteps,
         "hyperparams_resolved": raw,
         "reference_hete_goodput": reference,
+        "initial_rate_price_tokens_per_s": initial_rate,
         "eval_seeds": eval_seeds,
         "versions": _library_versions(),
         "name": cfg.name or run_dir.name,
@@ -229,26 +361,65 @@ def train(cfg: TrainConfig) -> Path:
         tb_log_name="run",
     )
     train_s = time.perf_counter() - start
-    model.save(run_dir / "model.zip")
+    model.save(run_dir / "model.zip")  # with RUN_META_ATTR (env, kwargs, algo, final rho)
     if isinstance(venv, VecNormalize):
         venv.save(str(run_dir / "vecnormalize.pkl"))
     config_out["train_time_s"] = round(train_s, 1)
+    if cfg.rate_reward:
+        config_out["final_rate_price_tokens_per_s"] = getattr(model, RUN_META_ATTR).get(
+            "rate_price_tokens_per_s"
+        )
     (run_dir / "config.json").write_text(json.dumps(config_out, indent=2, default=str))
     return run_dir
 
 
-def parse_args(argv=None) -> TrainConfig:
-    from multispin_train.hyperparams import parse_cli_kwargs
-
-    defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="multispin train", description=__doc__.split("\n")[0])
-    p.add_argument("--env", dest="env_id", default=defaults.env_id)
-    p.add_argument("--algo", default=defaults.algo, choices=["ppo", "a2c", "sac", "td3"])
-    p.add_argument("--timesteps", type=int)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--n-envs", type=int)
-    p.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE")
-    p.add_argument("--hyperparams-file")
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="multispin train",
+        description=__doc__.split("\n")[0],
+    )
+    p.add_argument(
+        "--env",
+        dest="env_id",
+        default=None,
+        help=f"registered env id (default {DEFAULT_ENV_ID}; with --resume, the checkpoint's)",
+    )
+    p.add_argument(
+        "--algo",
+        default=None,
+        choices=["ppo", "a2c", "sac", "td3"],
+        help="SB3 algorithm (default ppo; with --resume, the checkpoint's)",
+    )
+    p.add_argument(
+        "--timesteps",
+        type=int,
+        help="env steps to train for (default: the hyperparameter file's n_timesteps)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seeds the policy, the training envs (seed..seed+n_envs-1) and SB3 "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--n-envs",
+        type=int,
+        help="parallel envs, natively batched (default: the hyperparameter file's n_envs)",
+    )
+    p.add_argument(
+        "--env-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY:VALUE",
+        help="env options and scenario overrides, e.g. action_mode:lengths num_users:8 "
+        "observe_true_alpha:false (values are Python literals; true/false are booleans)",
+    )
+    p.add_argument(
+        "--hyperparams-file",
+        help="rl-zoo3-format YAML (default: multispin_train/hyperparams/<algo>.yml)",
+    )
     p.add_argument(
         "--params",
         nargs="*",
@@ -256,25 +427,87 @@ def parse_args(argv=None) -> TrainConfig:
         metavar="KEY:VALUE",
         help="override hyperparameters, e.g. learning_rate:1e-4",
     )
-    p.add_argument("--run-dir")
-    p.add_argument("--eval-freq", type=int, default=defaults.eval_freq)
-    p.add_argument("--eval-episodes", type=int, default=defaults.eval_episodes)
-    p.add_argument("--checkpoint-freq", type=int, default=defaults.checkpoint_freq)
-    p.add_argument("--resume")
-    p.add_argument("--torch-threads", type=int, default=defaults.torch_threads)
-    p.add_argument("--no-progress", dest="progress_bar", action="store_false")
-    p.add_argument("--no-reference", dest="reference", action="store_false")
-    p.add_argument("--name")
+    p.add_argument("--run-dir", help="output folder (default: runs/<env>_<algo>_s<seed>_<time>)")
     p.add_argument(
+        "--eval-freq",
+        type=int,
+        default=d.eval_freq,
+        help="evaluate every this many env steps on held-out seeds (0 disables; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--eval-episodes",
+        type=int,
+        default=d.eval_episodes,
+        help="episodes (seeds) per evaluation and for the reference controller "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint-freq",
+        type=int,
+        default=d.checkpoint_freq,
+        help="save model + VecNormalize every this many env steps (0 disables; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="CHECKPOINT.zip",
+        help="continue a checkpoint; its env id, env kwargs, algo and rate price rho are "
+        "restored (explicit options that conflict with them are refused)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=d.torch_threads,
+        help="torch.set_num_threads (default %(default)s, fastest for small MLPs)",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress_bar",
+        action="store_false",
+        help="hide SB3's progress bar",
+    )
+    p.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip measuring the paper controller (Hete) on the eval seeds; needs "
+        "--horizon-reward (the rate reward starts rho there) unless resuming",
+    )
+    p.add_argument("--name", help="label used in evaluation tables (default: the run folder)")
+    reward = p.add_mutually_exclusive_group()
+    reward.add_argument(
         "--horizon-reward",
         dest="rate_reward",
         action="store_false",
-        help="train on the plain horizon return instead of tokens - rho * time",
+        default=None,
+        help="train on the plain horizon return instead of tokens - rho * time "
+        "(the default for sac/td3)",
     )
+    reward.add_argument(
+        "--rate-reward",
+        dest="rate_reward",
+        action="store_true",
+        default=None,
+        help="train on tokens - rho * time with rho tracking the achieved goodput "
+        "(the default for ppo/a2c; refused for sac/td3)",
+    )
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Parsed and fully checked (:func:`resolve_config`); a bad option exits with status 2
+    and a message naming it, without a traceback."""
+    from multispin_train.hyperparams import parse_cli_kwargs
+
+    p = build_parser()
     values = vars(p.parse_args(argv))
-    values["env_kwargs"] = parse_cli_kwargs(values["env_kwargs"])
-    values["hyperparams"] = parse_cli_kwargs(values.pop("params"))
-    return TrainConfig(**values)
+    try:
+        values["env_kwargs"] = parse_cli_kwargs(values["env_kwargs"])
+        values["hyperparams"] = parse_cli_kwargs(values.pop("params"))
+        return resolve_config(TrainConfig(**values))
+    except (ValueError, TypeError) as err:
+        p.error(str(err))
 
 
 def main(argv=None) -> Any:
