@@ -186,7 +186,8 @@ class EdgeServer:
         self.limits = RunLimits(vocab_size, int(verifier.cfg.n_positions), kept)
         # frame caps: a hello carries a prompt; a draft at most L_max tokens with their PMFs
         self.max_hello_bytes = 16 * self.limits.context_tokens + 4096
-        self.max_frame_bytes = cfg.max_draft_length * (kept * 6 + 16) + 4096
+        # (generous: a frame over it is not skipped but ends the connection)
+        self.max_frame_bytes = max(1 << 20, cfg.max_draft_length * (kept * 6 + 16) + 4096)
         self.max_connections = cfg.max_connections or 2 * cfg.max_users + 4
         self._round = -1
         self._expected: set[str] = set()
@@ -309,7 +310,8 @@ class EdgeServer:
                 if msg["type"] == "draft":
                     await self._receive_draft(user, msg, writer)
                 elif msg["type"] == "bye":
-                    user.ended, user.end_reason = True, "bye"  # frees the slot
+                    user.ended = True  # frees the slot
+                    user.end_reason = user.end_reason or "bye"
                     break
                 else:
                     await self._reply_error(
@@ -428,7 +430,7 @@ class EdgeServer:
 
     async def _receive_draft(self, user: _User, msg: dict, writer) -> None:
         device_id = user.device_id
-        if msg["round"] != self._round or device_id not in self._expected:
+        if msg["round"] != self._round:
             await self._reply_error(
                 writer,
                 "out_of_order",
@@ -439,6 +441,14 @@ class EdgeServer:
         if device_id in self._inbox or device_id in self._rejected:
             await self._reply_error(
                 writer, "duplicate", f"a second draft for round {self._round}", device_id
+            )
+            return
+        if device_id not in self._expected:
+            await self._reply_error(
+                writer,
+                "out_of_order",
+                f"round {self._round} is closed for this device (late, or not scheduled in it)",
+                device_id,
             )
             return
         try:
