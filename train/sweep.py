@@ -1,14 +1,20 @@
-"""Hyperparameter sweeps (seeds x scenarios x hyperparameters) on Optuna with RDB storage.
+"""Hyperparameter sweeps (seeds x scenarios x hyperparameters) on Optuna.
 
-    # one machine (SQLite file):
+    # one machine, any number of workers (Optuna's journal file; start the command N times):
     multispin sweep --study ppo-lengths --trials 20 --timesteps 100000 \\
+        --storage journal:runs/sweeps.journal \\
         --envs multispin/PaperLlama2-v0 multispin/RealisticLlama2-v0 --seeds 0 1 \\
         --env-kwargs action_mode:lengths
     # several machines: start the same command on each, pointing at one database
     multispin sweep --study ppo-lengths --storage postgresql://user:pw@dbhost/optuna ...
 
-Optuna coordinates the workers through the database (each trial is claimed by one worker;
-TPE proposes from all finished trials), so nothing here schedules processes. A trial trains
+Optuna coordinates the workers through the storage (each trial is claimed by one worker;
+TPE proposes from all finished trials), so nothing here schedules processes. Workers may
+start at the same moment on a fresh storage: creating the storage's tables and the study is
+serialised by a lock file for local storages (journal file, SQLite) and retried when another
+worker wins the race (any storage, e.g. PostgreSQL on several machines). Optuna recommends
+the journal file over SQLite for several processes on one machine (SQLite locks the whole
+database on every write). A trial trains
 one model per (env, seed), scores each by its goodput relative to Hete-Multi-SPIN on
 held-out seeds, and reports the mean; after each (env, seed) it reports the running mean so
 the median pruner can stop hopeless trials early.
@@ -17,7 +23,10 @@ the median pruner can stop hopeless trials early.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +52,112 @@ def sample_hyperparams(trial) -> tuple[dict, dict]:
     return params, env
 
 
+def make_storage(url: str):
+    """An Optuna storage for ``journal:PATH`` (a journal file) or an RDB URL."""
+    import optuna
+
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:") :])
+        if not path.name:
+            raise ValueError(f"--storage {url!r}: give a file, e.g. journal:runs/sweeps.journal")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # Optuna >= 4.0
+            from optuna.storages.journal import JournalFileBackend
+        except ImportError:  # Optuna 3.x
+            from optuna.storages import JournalFileStorage as JournalFileBackend
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise ValueError(
+            f"--storage {url!r} is neither journal:PATH nor a database URL "
+            "(sqlite:///file.db, postgresql://user:pw@host/db)"
+        )
+    kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        # wait for a concurrent writer instead of failing with "database is locked"
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def _local_file(url: str) -> Path | None:
+    if url.startswith("journal:"):
+        return Path(url[len("journal:") :])
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    return None
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str):
+    """Serialise storage and study creation between workers on this machine (a lock file
+    next to a local storage); a no-op for server databases and where fcntl is missing."""
+    path = _local_file(url)
+    try:
+        import fcntl
+    except ImportError:  # Windows: the retry in open_study still covers the race
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # not "<path>.lock": the journal file backend uses that name for its own lock
+    with open(f"{path}.create-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _creation_races() -> tuple[type[BaseException], ...]:
+    """Errors a worker gets when another one creates the same tables or study meanwhile."""
+    import optuna
+
+    errors: list[type[BaseException]] = [
+        optuna.exceptions.DuplicatedStudyError,
+        optuna.exceptions.StorageInternalError,
+    ]
+    try:
+        import sqlalchemy.exc
+
+        errors += [sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def open_study(
+    study_name: str,
+    storage: str,
+    attempts: int = 8,
+    backoff_s: float = 0.5,
+    **study_kwargs,
+):
+    """Create the study, or load it if another worker did; safe when workers start at the
+    same moment on a fresh storage (see the module docstring)."""
+    import optuna
+
+    races = _creation_races()
+    for attempt in range(1, attempts + 1):
+        try:
+            with _creation_lock(storage):
+                return optuna.create_study(
+                    study_name=study_name,
+                    storage=make_storage(storage),
+                    load_if_exists=True,
+                    **study_kwargs,
+                )
+        except races as err:
+            if attempt == attempts:
+                raise RuntimeError(
+                    f"could not create or load study {study_name!r} in {storage} after "
+                    f"{attempts} attempts ({type(err).__name__}: {err}); check that the "
+                    "storage is reachable and writable"
+                ) from err
+            time.sleep(backoff_s * attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
 def run_study(
     study_name: str,
     storage: str,
@@ -54,6 +169,8 @@ def run_study(
     out_dir: str,
     eval_episodes: int = 8,
     sampler_seed: int | None = None,
+    n_envs: int | None = None,
+    progress: bool = True,
 ):
     import optuna
 
@@ -74,6 +191,7 @@ def run_study(
                 env_id=env_id,
                 seed=seed,
                 timesteps=timesteps,
+                n_envs=n_envs,
                 env_kwargs={**env_kwargs, **env_overrides},
                 hyperparams=params,
                 run_dir=str(run_dir),
@@ -97,17 +215,16 @@ def run_study(
                 raise optuna.TrialPruned()
         return float(np.mean(scores))
 
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
+    study = open_study(
+        study_name,
+        storage,
         direction="maximize",
-        load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
     )
     study.set_user_attr("envs", envs)
     study.set_user_attr("seeds", seeds)
-    study.optimize(objective, n_trials=trials, show_progress_bar=True)
+    study.optimize(objective, n_trials=trials, show_progress_bar=progress)
     return study
 
 
@@ -119,8 +236,10 @@ def main(argv=None):
     p.add_argument("--study", required=True, help="study name (shared by all workers)")
     p.add_argument(
         "--storage",
-        default="sqlite:///runs/sweeps.db",
-        help="Optuna RDB URL: sqlite:///file.db locally, postgresql://... shared",
+        default="journal:runs/sweeps.journal",
+        help="journal:PATH (Optuna journal file: several workers on one machine), or a "
+        "database URL: postgresql://user:pw@host/db shared by several machines, "
+        "sqlite:///file.db",
     )
     p.add_argument("--envs", nargs="+", default=["multispin/PaperLlama2-v0"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -130,9 +249,14 @@ def main(argv=None):
     p.add_argument("--env-kwargs", nargs="*", default=["action_mode:lengths"])
     p.add_argument("--out", default="runs/sweeps")
     p.add_argument("--sampler-seed", type=int)
+    p.add_argument("--n-envs", type=int, help="training envs per run (default: hyperparams)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
-    if a.storage.startswith("sqlite:///"):
-        Path(a.storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    if not a.storage.startswith("journal:") and "://" not in a.storage:
+        p.error(
+            f"--storage {a.storage!r}: use journal:PATH (one machine) or a database URL "
+            "(postgresql://user:pw@host/db for several machines, sqlite:///file.db)"
+        )
     study = run_study(
         a.study,
         a.storage,
@@ -144,6 +268,8 @@ def main(argv=None):
         a.out,
         a.eval_episodes,
         a.sampler_seed,
+        a.n_envs,
+        a.progress,
     )
     done = [t for t in study.trials if t.value is not None]
     if done:
