@@ -8,6 +8,11 @@
 request churn (geometric requests of 256 tokens on average) and CSI error (std 0.3) on top
 of the paper preset. ``RealisticLlama2-v0`` adds token-aware verification cost and energy.
 ``DemoPairCPU-v0`` is the profile ``multispin calibrate`` measured from the built-in live pair.
+
+``gym.make_vec(id, n)`` builds the native batched env (``vector_entry_point``, SAME_STEP
+autoreset). ``vectorization_mode="sync"``/``"async"`` use Gymnasium's NEXT_STEP autoreset
+unless ``vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}`` is passed; see
+:class:`multispin_env.vector_env.MultiSpinVectorEnv`.
 """
 
 from __future__ import annotations

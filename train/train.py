@@ -2,7 +2,14 @@
 
     multispin train --env multispin/PaperLlama2-v0 --algo ppo --timesteps 200000 \\
         --env-kwargs action_mode:'lengths' --seed 0 --run-dir runs/paper-ppo
-    multispin train --resume runs/paper-ppo/checkpoints/rl_model_100000_steps.zip ...
+    multispin train --resume runs/paper-ppo/checkpoints/rl_model_100000_steps.zip \\
+        --run-dir runs/paper-ppo-more --timesteps 100000
+
+Every model .zip (checkpoints, ``model.zip``, ``best_model.zip``) records the run's env id,
+env kwargs, algorithm and current rate price rho (the ``multispin_run`` attribute), so
+``--resume`` continues the same scenario with rho where it was; explicit options that
+contradict the checkpoint are refused. Options are checked before any work starts: a bad
+one exits with status 2 and a message naming it.
 
 A run directory holds ``config.json`` (everything needed to rebuild the run), ``model.zip``,
 ``vecnormalize.pkl`` (observation statistics, needed at deployment), ``best_model.zip``
