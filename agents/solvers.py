@@ -12,7 +12,7 @@ Every solver takes the same instance description
 
 and returns an :class:`~multispin_env.types.Allocation` (integer draft lengths, bandwidth in
 Hz, and the goodput its model predicts, Eq. 13). Section and equation numbers are the paper's
-(arXiv 2606.04581); see shared/paper-notes.md.
+(arXiv 2606.04581); see docs/paper-model.md.
 """
 
 from __future__ import annotations

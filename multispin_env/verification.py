@@ -92,7 +92,7 @@ class TokenAwareVerification:
 
     Real verifiers process every row padded to the longest draft plus the one position that
     yields the bonus token, so cost grows with K * (max L + 1) (cf. Vidur's token-level
-    operators; our CPU measurement in shared/live-notes.md fits t = 7.4 + 0.31 K +
+    operators; our CPU measurement in docs/live-notes.md fits t = 7.4 + 0.31 K +
     0.107 K (L+1) ms). The paper's model is the special case t_token_s = 0.
 
     Attributes:

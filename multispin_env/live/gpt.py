@@ -1,7 +1,7 @@
 """A small GPT-2-style decoder in plain torch, with an explicit KV cache per sequence.
 
 Why not ``transformers`` for the built-in pair: a forward of these tiny models costs ~2 ms in
-plain torch against ~7.5 ms through transformers (shared/live-notes.md), and speculative
+plain torch against ~7.5 ms through transformers (docs/live-notes.md), and speculative
 decoding needs a padded multi-user batch over caches of different lengths, which is simplest
 to get exactly right with the cache in our hands. Weights use Hugging Face's GPT-2 names
 (``transformer.h.0.attn.c_attn.weight``...), so the same safetensors load in

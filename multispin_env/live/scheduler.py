@@ -20,7 +20,7 @@ SCHEDULERS = ("fixed", "uni_bw", "homo", "hete")
 class OnlineVerificationModel:
     """T^ver(K, L) = a + b * K * (L + 1), fitted by least squares on measured batches.
 
-    Starts from a prior (the CPU measurement in shared/live-notes.md: 7.8 ms + 0.144 ms per
+    Starts from a prior (the CPU measurement in docs/live-notes.md: 7.8 ms + 0.144 ms per
     padded token) and refits after every round.
     """
 

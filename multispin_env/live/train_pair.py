@@ -3,7 +3,7 @@
     python -m multispin_env.live.train_pair --out multispin_env/live/models/demo-pair
 
 Why this corpus and these sizes: nothing can be downloaded at run time and no PyPI package
-ships a matched pair (shared/live-notes.md), but every Python installation ships ~12 MB of
+ships a matched pair (docs/live-notes.md), but every Python installation ships ~12 MB of
 its own source code. A byte-level BPE tokenizer (4096 tokens) is trained on it, then a
 drafter (GPT-2 2 layers, d=128, ~1M parameters) and a verifier (6 layers, d=256, ~6M) on the
 same tokens. The verifier gets ~4x the drafter's compute so that it is clearly the better
