@@ -2,10 +2,12 @@
 
     OMP_NUM_THREADS=1 python -m multispin_eval.bench_env [--num-envs 256] [--steps 2000]
 
-Targets (issue: Gymnasium environments), K = 20 on this 2-core machine: scalar >= 10k
-steps/s, batched (N = 256) >= 300k env-steps/s. The action is a typical allocation (every
-user drafts 4 tokens, equal bandwidth), so episodes last their usual ~80 rounds; random
-actions would include rounds of tens of seconds and reset far more often.
+Targets (issue: Gymnasium environments), K = 20 on a 2-core VM: scalar >= 10k steps/s,
+batched (N = 256) >= 300k env-steps/s. Absolute figures depend on the machine and its load,
+so the run also times a fixed reference workload (``multispin_eval.machine_ref``) and prints
+throughput per reference op, the figure to compare across machines. The action is a typical
+allocation (every user drafts 4 tokens, equal bandwidth), so episodes last their usual ~80
+rounds; random actions would include rounds of tens of seconds and reset far more often.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 
 import multispin_env  # noqa: F401  (registers the ids)
+from multispin_eval.machine_ref import measure
 
 
 def _typical_action(codec, num_users: int, batch: int) -> np.ndarray:
@@ -69,11 +72,13 @@ def main(argv=None) -> None:
             venv.step(batch_action)
         return batch_steps * args.num_envs / (time.perf_counter() - t0)
 
+    ref_before = measure()
     scalar, batched = [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine state
         scalar.append(run_scalar())
         batched.append(run_batched())
     s_best, b_best = max(scalar), max(batched)
+    ref = ref_before.averaged_with(measure())
 
     k = env.config.num_users
     print(
@@ -91,6 +96,12 @@ def main(argv=None) -> None:
         f"{b_best / 300_000:>8.2f}"
     )
     print(f"batched / scalar per env-step: {b_best / s_best:.1f}x")
+    print(ref.describe())
+    print(
+        f"per ref op (steps/s / ref ops/s): scalar {ref.rate_ratio(s_best):.2f} "
+        f"(median {ref.rate_ratio(np.median(scalar)):.2f}), batched {ref.rate_ratio(b_best):.0f} "
+        f"(median {ref.rate_ratio(np.median(batched)):.0f})"
+    )
 
 
 if __name__ == "__main__":

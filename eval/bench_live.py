@@ -6,6 +6,8 @@ Each configuration starts the edge server and real device processes on loopback,
 Hete scheduler, and reports per round: the straggler's drafting compute and uplink time, the
 batched verification time, the timeline round time and the wall-clock round time, then
 goodput on both clocks. Verification is measured on this host (`--device cuda`: on its GPU).
+The run also times a fixed reference workload (``multispin_eval.machine_ref``) and prints the
+verification time in reference ops and timeline tokens per reference op.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 def main(argv=None) -> list[dict]:
     from multispin_env.live.cli import live_args, run_live
+    from multispin_eval.machine_ref import measure
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, nargs="+", default=[1, 4, 8])
@@ -28,6 +31,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", default="cpu", help="torch device of the models: cpu or cuda")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
+    ref_before = measure()
     rows = []
     for users in a.users:
         args = live_args(
@@ -58,6 +62,11 @@ def main(argv=None) -> list[dict]:
                 "accept_frac": summary["accept_frac"],
             }
         )
+    ref = ref_before.averaged_with(measure())
+    for r in rows:
+        r["verify_ms_in_ref_ops"] = ref.latency_ratio(r["verify_ms"] * 1e-3)
+        r["tokens_per_ref_op_timeline"] = ref.rate_ratio(r["tokens_per_s_timeline"])
+        r["machine_ref"] = ref.as_dict()
     print(
         f"\n{'users':>5}{'draft ms':>10}{'upload ms':>11}{'verify ms':>11}{'round ms':>10}"
         f"{'wall ms':>9}{'tok/s timeline':>16}{'tok/s wall':>12}{'accept':>8}"
@@ -69,6 +78,15 @@ def main(argv=None) -> list[dict]:
             f"{r['tokens_per_s_timeline']:>16.1f}{r['tokens_per_s_wall']:>12.1f}"
             f"{r['accept_frac']:>8.3f}"
         )
+    print(ref.describe())
+    print(
+        "per ref op: "
+        + "; ".join(
+            f"{r['users']} users: verify {r['verify_ms_in_ref_ops']:.1f} ref ops, "
+            f"{r['tokens_per_ref_op_timeline']:.3f} tokens (timeline)"
+            for r in rows
+        )
+    )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 python -m multispin_eval.bench_solvers [--users 20] [--repeats 200]
 
 Target (issue: system model): Hete-Multi-SPIN <= 5 ms for K = 20 on one core, within 0.5%
-of the brute-force optimum on random small instances.
+of the brute-force optimum on random small instances. The run also times a fixed reference
+workload (``multispin_eval.machine_ref``) and prints each latency in reference ops, the
+figure to compare across machines.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from multispin_agents.solvers import SOLVERS, brute_force_oracle, hete_multispin
 from multispin_env.config import load_preset
 from multispin_env.simulator import MultiSpinSimulator
+from multispin_eval.machine_ref import measure
 
 
 def _instances(preset: str, users: int, count: int, seed: int):
@@ -47,6 +50,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     instances = _instances(args.preset, args.users, args.repeats, seed=0)
+    ref_before = measure()
     print(f"decision latency, K={args.users}, {args.repeats} instances ({args.preset}), one thread")
     print(f"{'solver':<22}{'median ms':>10}{'p95 ms':>10}{'mean goodput':>14}")
     variants = dict(SOLVERS)
@@ -65,7 +69,13 @@ def main(argv=None) -> None:
             f"{name:<22}{np.median(ms):>10.3f}{np.percentile(ms, 95):>10.3f}"
             f"{np.mean(goodputs):>14.2f}"
         )
+    ref = ref_before.averaged_with(measure())
     print(f"hete median / 5 ms target = {medians['hete'] / 5.0:.2f}")
+    print(ref.describe())
+    print(
+        "median latency in ref ops (latency x ref ops/s): "
+        + ", ".join(f"{n} {ref.latency_ratio(ms * 1e-3):.3f}" for n, ms in medians.items())
+    )
 
     print(
         f"\noptimality vs brute force on {args.gap_instances} random small instances "

@@ -10,7 +10,8 @@ One *reference op* is one 256 x 256 float64 matrix product (numpy, one BLAS thre
 ``OMP_NUM_THREADS=1``) plus 10,000 iterations of a small pure-Python loop: the two kinds of
 work the benchmarks do (compiled array arithmetic and interpreter overhead). The reference
 is the best of a few short repeats of each part (noise on a shared machine only slows), and
-``ref_ops_per_s`` is 1 / (matmul time + loop time).
+``ref_ops_per_s`` is 1 / (matmul time + loop time). Benchmarks measure it before and after
+their own timings and use the mean of the two.
 
     python -m multispin_eval.machine_ref
 """
@@ -50,6 +51,13 @@ class MachineRef:
     def latency_ratio(self, seconds: float) -> float:
         """A latency in reference ops (how many reference ops fit in it)."""
         return seconds * self.ref_ops_per_s
+
+    def averaged_with(self, other: MachineRef) -> MachineRef:
+        """The mean of two measurements (taken before and after a benchmark)."""
+        return MachineRef(
+            (self.matmul_per_s + other.matmul_per_s) / 2,
+            (self.python_iters_per_s + other.python_iters_per_s) / 2,
+        )
 
     def as_dict(self) -> dict:
         return {

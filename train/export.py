@@ -233,3 +233,7 @@ def main(argv=None) -> Path:
         f", p95 {ref.latency_ratio(lat['p95'] * 1e-6):.4f} ref ops per decision"
     )
     return out
+
+
+if __name__ == "__main__":
+    main()
