@@ -37,15 +37,16 @@ def ansi_table(episodes, i: int) -> str:
 
 def rgb_array(episodes, i: int) -> np.ndarray:
     """Bar charts of draft length, bandwidth share and accepted tokens per user."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a private Agg canvas: the user's pyplot backend (a notebook, a GUI) stays as it is
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     res = episodes.last_result
     k = episodes.sim.num_users
     users = np.arange(k)
-    fig, axes = plt.subplots(3, 1, figsize=(6.4, 4.8), sharex=True, constrained_layout=True)
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
     lengths = episodes.last_lengths[i]
     share = episodes.last_bandwidth[i] / episodes.config.bandwidth_hz
     played = res is not None and episodes.episode_rounds[i] > 0  # not the last episode's
@@ -62,5 +63,4 @@ def rgb_array(episodes, i: int) -> np.ndarray:
     axes[0].set_title(f"{episodes.config.name}, t = {episodes.elapsed_s[i]:.2f} s")
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
     return image

@@ -63,16 +63,13 @@ def time_to_target(progress_csv: Path, level: float) -> tuple[float | None, int 
 def plot_learning_curve(
     progress_csv: Path, reference: float, target: float, path: Path, title: str
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from multispin_eval.plotting import new_figure
 
     with progress_csv.open() as f:
         rows = list(csv.DictReader(f))
     wall = [float(r["wall_s"]) / 60 for r in rows]
     goodput = [float(r["eval_goodput_tokens_per_s"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), constrained_layout=True)
+    fig, ax = new_figure(figsize=(6.4, 3.6))
     ax.plot(wall, goodput, marker="o", label="learned (eval seeds)")
     ax.axhline(reference, color="k", ls="--", lw=1, label="Hete-Multi-SPIN")
     ax.axhline(target * reference, color="tab:red", ls=":", lw=1, label=f"{target:g} x Hete")
@@ -82,7 +79,6 @@ def plot_learning_curve(
     ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_experiment(

@@ -65,10 +65,15 @@ class BundleScheduler:
             self.bundle.action_mode, self.bundle.max_users, self.bundle.max_draft_length
         )
         self.name = f"bundle:{folder}"
+        self._checked = False
 
-    def act(self, view, obs: np.ndarray):
+    def act(self, view, obs: np.ndarray, feature_names=None):
         from multispin_env.action_codec import DecisionContext
 
+        if feature_names is not None and not self._checked:
+            # the server's observation layout must be the one the policy was trained on
+            self.bundle.check_features(feature_names)
+            self._checked = True
         action = self.bundle.act(obs)
         ctx = DecisionContext(
             view.spectral_eff_est, view.t_draft_s, view.payload_bits, view.bandwidth_hz

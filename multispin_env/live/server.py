@@ -50,7 +50,7 @@ import numpy as np
 from multispin_env.config import load_preset
 from multispin_env.episodes import ServerView
 from multispin_env.live import protocol as proto
-from multispin_env.live.scheduler import OnlineVerificationModel
+from multispin_env.live.scheduler import BundleScheduler, OnlineVerificationModel
 from multispin_env.live.speculative import DecodingConfig, VerifierServer
 from multispin_env.live.validation import Rejected, RunLimits, check_hello, parse_draft
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
@@ -485,16 +485,19 @@ class EdgeServer:
             oracle_spectral_eff=None,
         )
 
-    def observation(self, users: list[_User], r_est: np.ndarray) -> np.ndarray:
-        """The env's observation vector ``(1, size)`` for the connected users, built by the
-        same builder and history as in simulation (users fill slots 0..K-1 in slot order)."""
-        spec = ObservationSpec(
+    def _observation_spec(self) -> ObservationSpec:
+        return ObservationSpec(
             max_users=self.cfg.max_users,
             max_draft_length=self.cfg.max_draft_length,
             t_ref_s=self.cfg.t_ref_s or self.scenario.t_draft_mean_s,
             payload_bits=float(self.payload_bits),
             bandwidth_hz=self.bandwidth_hz,
         )
+
+    def observation(self, users: list[_User], r_est: np.ndarray) -> np.ndarray:
+        """The env's observation vector ``(1, size)`` for the connected users, built by the
+        same builder and history as in simulation (users fill slots 0..K-1 in slot order)."""
+        spec = self._observation_spec()
         elapsed = sum(r.timeline_s for r in self.records)
         horizon_frac = (elapsed % self.cfg.horizon_s) / self.cfg.horizon_s
         return build_observation(
@@ -542,7 +545,12 @@ class EdgeServer:
         r_est = spectral_efficiency(sc.tx_power_w, estimate, sc.noise_power_w)
         view = self._view(users, r_est)
         if getattr(self.scheduler, "uses_observation", False):  # e.g. an exported policy
-            lengths, bandwidth = self.scheduler.act(view, self.observation(users, r_est))
+            obs = self.observation(users, r_est)
+            if isinstance(self.scheduler, BundleScheduler):
+                names = self._observation_spec().feature_names
+                lengths, bandwidth = self.scheduler.act(view, obs, names)
+            else:
+                lengths, bandwidth = self.scheduler.act(view, obs)
         else:
             lengths, bandwidth = self.scheduler.act(view)
         # near the context limit a draft is shortened to what still fits
