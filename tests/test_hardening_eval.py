@@ -129,6 +129,17 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
             for pair in ("paper-llama2", "paper-qwen35") for s in ("hete", "cen", "p2p")
         ]
         _plot_protocols(paper, Path({str(tmp_path)!r}) / "p.png")
+        import gymnasium as gym
+        import multispin_env  # noqa: F401
+        from multispin_train.experiments import plot_learning_curve
+
+        env = gym.make("multispin/PaperLlama2-v0", num_users=3, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+        assert env.render().shape[-1] == 3
+        curve = Path({str(tmp_path)!r}) / "progress.csv"
+        curve.write_text("timesteps,wall_s,eval_goodput_tokens_per_s\\n0,0,10\\n64,60,20\\n")
+        plot_learning_curve(curve, 20.0, 0.98, Path({str(tmp_path)!r}) / "c.png", "t")
         print(before, matplotlib.get_backend())
         """
     )
