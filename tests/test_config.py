@@ -64,3 +64,23 @@ def test_task_spec_checks_beta_feasibility():
 def test_round_trip_to_dict():
     cfg = load_preset("realistic-llama2")
     assert ScenarioConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_realistic_preset_splits_the_paper_slope_as_the_gpu_measurement_does():
+    """realistic-llama2's verifier: Fig. 5's 12.72 ms/user slope at L = 5, split between
+    users and padded tokens in the ratio the committed H200 fit of the Llama-2-7B shape
+    shows (not the CPU pair's split, which made long drafts look far too expensive)."""
+    import json
+    from pathlib import Path
+
+    fit_path = Path(__file__).parents[1] / "results/gpu_verify/verify_latency_graph.json"
+    fit = json.loads(fit_path.read_text())["models"]["llama2-7b"]["forward_cuda_graph"]["fit"]
+    gpu = fit["token_aware"]
+    gpu_token_frac = 6 * gpu["t_token_s"] / (gpu["t_user_s"] + 6 * gpu["t_token_s"])
+    ver = load_preset("realistic-llama2").verification
+    slope = ver["t_user_s"] + 6 * ver["t_token_s"]
+    assert slope == pytest.approx(0.01272, rel=2e-3)
+    assert 6 * ver["t_token_s"] / slope == pytest.approx(gpu_token_frac, rel=0.02)
+    assert 0.1 < gpu_token_frac < 0.3
+    cpu = load_preset("realistic-llama2-cpu-verifier").verification
+    assert 6 * cpu["t_token_s"] / (cpu["t_user_s"] + 6 * cpu["t_token_s"]) > 0.6
