@@ -91,7 +91,9 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
 
     Extra policy_kwargs: ``hidden`` (width of every per-user layer, default 64) and
     ``action_bias`` (initial mean of Box actions; e.g. -0.6 starts ``lengths`` near L = 5 of
-    25 instead of the middle bin, which saves the first updates from very long rounds).
+    25 instead of the middle bin, which saves the first updates from very long rounds) and
+    ``zero_init`` (the last actor layer starts at zero, so the mean action is exactly 0: with
+    ``residual`` actions the untrained policy *is* the base heuristic).
     """
 
     def __init__(
@@ -101,10 +103,12 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
         lr_schedule,
         hidden: int = 64,
         action_bias: float = 0.0,
+        zero_init: bool = False,
         **kwargs,
     ) -> None:
         self._hidden = hidden
         self._action_bias = action_bias
+        self._zero_init = zero_init
         self._layout = infer_layout(observation_space, action_space)
         kwargs.pop("net_arch", None)
         super().__init__(observation_space, action_space, lr_schedule, net_arch=[], **kwargs)
@@ -118,10 +122,14 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
         # the per-user head already emits the action parameters: no mixing layer across users
         self.action_net = nn.Identity()
         last = self.mlp_extractor.actor_head[-1]
-        nn.init.orthogonal_(last.weight, gain=0.01)
-        nn.init.constant_(
-            last.bias, self._action_bias if isinstance(self.action_space, spaces.Box) else 0.0
-        )
+        if self._zero_init:  # the mean action is exactly 0: residual actions start at the base
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        else:
+            nn.init.orthogonal_(last.weight, gain=0.01)
+            nn.init.constant_(
+                last.bias, self._action_bias if isinstance(self.action_space, spaces.Box) else 0.0
+            )
         self.optimizer = self.optimizer_class(
             self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
@@ -131,7 +139,8 @@ def infer_layout(observation_space, action_space) -> tuple[int, int, int]:
     """(user slots, features per user, actor outputs per user) from the two spaces."""
     g = len(GLOBAL_FEATURES)
     obs_dim = observation_space.shape[0]
-    feature_counts = (len(USER_FEATURES), len(USER_FEATURES) + 1)  # +1: observe_true_alpha
+    # +1: observe_true_alpha; +2: a base heuristic's allocation (residual actions)
+    feature_counts = tuple(len(USER_FEATURES) + extra for extra in (0, 1, 2, 3))
     if isinstance(action_space, spaces.MultiDiscrete):
         candidates = [(len(action_space.nvec), int(action_space.nvec[0]))]
     elif isinstance(action_space, spaces.Box) and action_space.shape[0] > 1:

@@ -36,10 +36,26 @@ _SPEC = re.compile(r"^(fixed|uni_bw|homo|hete)(?:\[(prior|history|oracle)(,csi)?
 POLICY_LAYOUT_OPTIONS = ("action_mode", "max_users", "observe_true_alpha")
 
 
-def make_controller(spec: str):
-    label, _, target = spec.rpartition("=")
+def make_controller(spec: str, env_id: str | None = None):
+    head, sep, rest = spec.partition("=")
+    # label=policy; a tuned heuristic's knobs (tuned[...,cap=6]) also contain '='
+    label, target = (head, rest) if sep and "[" not in head else ("", spec)
     match = _SPEC.match(target)
-    if match:
+    if target == "tuned" or target.startswith(("tuned[", "tuned:")):
+        from multispin_agents.tuned import TunedHeuristic, default_tuned_path
+
+        if target == "tuned":
+            if env_id is None:
+                raise ValueError("'tuned' needs the env id to find results/tuned/<env>.json")
+            path = default_tuned_path(env_id)
+            if not path.is_file():
+                raise ValueError(
+                    f"no tuned heuristic for {env_id} at {path}: run `multispin tune --env "
+                    f"{env_id}` first, or name one as tuned[hete,cap=6,...] or tuned:PATH"
+                )
+            target = f"tuned:{path}"
+        ctrl = SolverController(TunedHeuristic.parse(target))
+    elif match:
         ctrl = SolverController(
             SolverPolicy(match.group(1), match.group(2) or "prior", oracle_csi=bool(match.group(3)))
         )
@@ -50,7 +66,8 @@ def make_controller(spec: str):
     else:
         raise ValueError(
             f"policy {target!r} is neither a scheme (fixed, uni_bw, homo, hete, optionally "
-            "with [prior|history|oracle]) nor a training run directory"
+            "with [prior|history|oracle]), a tuned heuristic (tuned, tuned[...], tuned:PATH) "
+            "nor a training run directory"
         )
     if label:
         ctrl.name = label
@@ -66,7 +83,7 @@ def compare(
     progress: bool = True,
 ) -> list[dict]:
     """Rows of summary metrics, one per policy, plus ``vs_hete`` (goodput ratio)."""
-    controllers = [make_controller(s) for s in specs]
+    controllers = [make_controller(s, env_id) for s in specs]
     options, scenario = split_kwargs(dict(env_kwargs or {}))
     for ctrl in controllers:
         if isinstance(ctrl, LearnedController):

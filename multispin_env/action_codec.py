@@ -14,6 +14,12 @@ modes
     lengths_discrete      MultiDiscrete([L_max] * K_max): L_k = a_k + 1; Lemma 3 bandwidth.
     homogeneous           Box(-1, 1, (1,)): one common draft length; Lemma 1 bandwidth.
     homogeneous_discrete  Discrete(L_max): L = a + 1; Lemma 1 bandwidth.
+    residual              Box(-1, 1, (2 K_max,)): corrections to a base heuristic's allocation
+                          (the env's ``base_policy``). L_k = clip(L_base_k + rint(a_k R), 1,
+                          L_max) with R = residual_range(L_max); share_k = share_base_k
+                          exp(SHARE_TEMPERATURE a'_k), renormalised. The zero action is the
+                          base heuristic's allocation exactly, so a policy whose mean starts
+                          at zero starts as the heuristic and RL only has to improve on it.
 
 Slots beyond the K active users are ignored. Box entries outside [-1, 1] are clipped;
 discrete actions must be integers (or integral floats) in range: anything else raises,
@@ -31,7 +37,19 @@ from multispin_env._jit import kernel
 from multispin_env.allocation import latency_equalising_bandwidth
 
 SHARE_TEMPERATURE = 1.5
-MODES = ("full", "lengths", "lengths_discrete", "homogeneous", "homogeneous_discrete")
+MODES = (
+    "full",
+    "lengths",
+    "lengths_discrete",
+    "homogeneous",
+    "homogeneous_discrete",
+    "residual",
+)
+
+
+def residual_range(max_draft_length: int) -> int:
+    """Largest length correction the ``residual`` mode can make (a = +-1)."""
+    return max(2, -(-max_draft_length // 4))
 
 
 @dataclass(frozen=True)
@@ -43,12 +61,16 @@ class DecisionContext:
         t_draft_s: ``(N, K)`` per-token drafting latencies.
         payload_bits: Q_tok.
         bandwidth_hz: total uplink bandwidth B.
+        base_lengths, base_bandwidth_hz: ``(N, K)`` the base heuristic's allocation (the
+            ``residual`` mode corrects it; None otherwise).
     """
 
     spectral_eff_est: np.ndarray
     t_draft_s: np.ndarray
     payload_bits: float
     bandwidth_hz: float
+    base_lengths: np.ndarray | None = None
+    base_bandwidth_hz: np.ndarray | None = None
 
 
 @kernel
@@ -71,6 +93,25 @@ def _decode_full_kernel(action, num_users, max_users, l_max, bandwidth_hz, lengt
         total = 0.0
         for k in range(num_users):
             bandwidth[n, k] = np.exp(bandwidth[n, k] - top)
+            total += bandwidth[n, k]
+        for k in range(num_users):
+            bandwidth[n, k] = bandwidth[n, k] / total * bandwidth_hz
+
+
+@kernel
+def _decode_residual_kernel(
+    action, base_lengths, base_bandwidth, num_users, max_users, l_max, step, bandwidth_hz,
+    lengths, bandwidth,
+):  # fmt: skip
+    """``residual`` mode: corrections to the base allocation; a = 0 gives the base exactly."""
+    for n in range(action.shape[0]):
+        total = 0.0
+        for k in range(num_users):
+            a = min(max(np.float64(action[n, k]), -1.0), 1.0)
+            length = base_lengths[n, k] + np.rint(a * step)
+            lengths[n, k] = np.int64(min(max(length, 1.0), l_max))
+            b = min(max(np.float64(action[n, max_users + k]), -1.0), 1.0)
+            bandwidth[n, k] = base_bandwidth[n, k] * np.exp(SHARE_TEMPERATURE * b)
             total += bandwidth[n, k]
         for k in range(num_users):
             bandwidth[n, k] = bandwidth[n, k] / total * bandwidth_hz
@@ -117,6 +158,7 @@ class ActionCodec:
         l_max = max_draft_length
         self.space: spaces.Space = {
             "full": spaces.Box(-1.0, 1.0, (2 * max_users,), dtype=np.float32),
+            "residual": spaces.Box(-1.0, 1.0, (2 * max_users,), dtype=np.float32),
             "lengths": spaces.Box(-1.0, 1.0, (max_users,), dtype=np.float32),
             "lengths_discrete": spaces.MultiDiscrete(np.full(max_users, l_max)),
             "homogeneous": spaces.Box(-1.0, 1.0, (1,), dtype=np.float32),
@@ -219,6 +261,23 @@ class ActionCodec:
                 lengths, bandwidth,
             )  # fmt: skip
             return lengths, bandwidth
+        if self.mode == "residual":
+            if ctx.base_lengths is None or ctx.base_bandwidth_hz is None:
+                raise ValueError(
+                    "the 'residual' action mode corrects a base heuristic's allocation, but "
+                    "none was given: set the env option base_policy (e.g. 'hete' or "
+                    "'tuned[hete,cap=6]')"
+                )
+            lengths = np.empty((n, k), dtype=np.int64)
+            bandwidth = np.empty((n, k))
+            _decode_residual_kernel(
+                np.ascontiguousarray(a),
+                np.ascontiguousarray(ctx.base_lengths, dtype=np.float64),
+                np.ascontiguousarray(ctx.base_bandwidth_hz, dtype=np.float64),
+                k, self.max_users, l_max, float(residual_range(l_max)), float(ctx.bandwidth_hz),
+                lengths, bandwidth,
+            )  # fmt: skip
+            return lengths, bandwidth
         if self.mode == "lengths":
             lengths = _box_to_length(a[:, :k], l_max)
         elif self.mode == "lengths_discrete":
@@ -245,6 +304,8 @@ class ActionCodec:
         l_max = self.max_draft_length
         if np.any((lengths < 1) | (lengths > l_max)):
             raise ValueError(f"lengths must be in [1, {l_max}]")
+        if self.mode == "residual":
+            raise ValueError("the 'residual' codec encodes corrections, not allocations")
         if self.mode in ("homogeneous", "homogeneous_discrete"):
             if self.mode == "homogeneous":
                 return _length_to_box(lengths[:, :1], l_max)

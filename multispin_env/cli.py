@@ -7,6 +7,7 @@ multispin bench-env [...]        # env steps/s, scalar vs batched
 multispin calibrate-paper        # back-solve the presets' unstated constants
 multispin train [...]            # SB3 training (python -m multispin_train)
 multispin evaluate [...]         # learned vs heuristic policies: tables and plots
+multispin tune --env ID          # the best tuned heuristic for a scenario (results/tuned/)
 multispin sweep [...]            # Optuna sweep over seeds x scenarios x hyperparameters
 multispin experiment paper|realistic   # one command per headline result
 multispin live --users 8 --scheduler hete --rounds 50   # real models over TCP
@@ -25,6 +26,7 @@ _SUBCOMMANDS = {
     "calibrate-paper": ("multispin_eval.calibrate_paper", "back-solve p_k and T^S of the presets"),
     "train": ("multispin_train.train", "train an SB3 agent on a registered env"),
     "evaluate": ("multispin_eval.compare", "compare trained and baseline policies"),
+    "tune": ("multispin_train.tune", "tune the heuristic family on tuning seeds"),
     "sweep": ("multispin_train.sweep", "Optuna hyperparameter sweep (RDB storage)"),
     "experiment": ("multispin_train.experiments", "headline experiments: paper | realistic"),
     "live": ("multispin_env.live.cli", "edge server + device processes with real models"),

@@ -61,6 +61,11 @@ class EnvOptions:
             user), ``time`` (minus round seconds), ``energy`` (minus device joules).
         observe_true_alpha: give the policy the hidden per-request acceptance rate.
         history_decay: EWMA decay of the acceptance history per round.
+        base_policy: a heuristic whose allocation the policy sees every round and, with
+            ``action_mode="residual"``, corrects: a paper scheme (``hete``), a tuned one
+            (``tuned[hete,prior,cap=6,margin=0.8,mix=0.1]``) or ``tuned:PATH``
+            (``multispin tune``'s result). Stored in canonical form, so a policy's contract
+            names its base exactly.
     """
 
     action_mode: str = "full"
@@ -69,6 +74,7 @@ class EnvOptions:
     reward_weights: tuple[tuple[str, float], ...] = (("tokens", 1.0),)
     observe_true_alpha: bool = False
     history_decay: float = 0.8
+    base_policy: str | None = None
 
     @staticmethod
     def build(config: ScenarioConfig, **kwargs) -> EnvOptions:
@@ -99,6 +105,19 @@ class EnvOptions:
             raise ValueError(f"horizon_s={horizon!r} must be a finite number > 0 seconds")
         if not 0.0 < values["history_decay"] < 1.0:
             raise ValueError(f"history_decay={values['history_decay']!r} must be in (0, 1)")
+        if values["base_policy"] is not None:
+            from multispin_agents.tuned import TunedHeuristic
+
+            try:
+                base = TunedHeuristic.parse(values["base_policy"], config.max_draft_length)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"base_policy={values['base_policy']!r}: {err}") from None
+            values["base_policy"] = base.name
+        elif values["action_mode"] == "residual":
+            raise ValueError(
+                "action_mode='residual' corrects a base heuristic: set base_policy too, e.g. "
+                "base_policy='hete' or base_policy='tuned:results/tuned/<env>.json'"
+            )
         return EnvOptions(**values)
 
 
@@ -165,7 +184,14 @@ class BatchedEpisodes:
             payload_bits=float(config.payload_bits),
             bandwidth_hz=config.bandwidth_hz,
             observe_true_alpha=options.observe_true_alpha,
+            observe_base=options.base_policy is not None,
         )
+        self.base = None
+        if options.base_policy is not None:
+            from multispin_agents.tuned import TunedHeuristic
+
+            self.base = TunedHeuristic.parse(options.base_policy)
+        self._base_allocation = None  # the base's decision for the current state, cached
         self.history = UserHistory(num_envs, config.num_users, decay=options.history_decay)
         self.weights = dict(options.reward_weights)
         self.elapsed_s = np.zeros(num_envs)
@@ -187,7 +213,16 @@ class BatchedEpisodes:
         self._weight_vector = np.array([self._weights.get(c, 0.0) for c in _SORTED_COMPONENTS])
         self._weight_used = np.array([c in self._weights for c in _SORTED_COMPONENTS])
 
+    def base_allocation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The base heuristic's (lengths, bandwidth) for the current state of every env."""
+        if self.base is None:
+            return None
+        if self._base_allocation is None:
+            self._base_allocation = self.base.act(self.server_view())
+        return self._base_allocation
+
     def reset(self, keys: np.ndarray, env_ids: np.ndarray) -> None:
+        self._base_allocation = None
         self.sim.reset(keys, env_ids=env_ids)
         self.history.reset(
             self.sim.task_alpha_mean[env_ids],
@@ -204,16 +239,19 @@ class BatchedEpisodes:
         self.last_bandwidth[env_ids] = 0.0
 
     def context(self) -> DecisionContext:
+        base = self.base_allocation() if self.options.action_mode == "residual" else None
         return DecisionContext(
             self.sim.spectral_eff_estimate,
             self.sim.t_draft_s,
             float(self.config.payload_bits),
             self.config.bandwidth_hz,
+            *(base if base is not None else (None, None)),
         )
 
     def observe(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Observations of all envs, or of ``rows`` only (e.g. envs just reset)."""
         sim, hist = self.sim, self.history
+        base = self.base_allocation()
         if rows is None:
             return build_observation(
                 self.spec,
@@ -223,6 +261,8 @@ class BatchedEpisodes:
                 sim.task_alpha_mean,
                 self.elapsed_s / self.options.horizon_s,
                 alpha_true=sim.alpha if self.options.observe_true_alpha else None,
+                base_lengths=None if base is None else base[0],
+                base_bandwidth_hz=None if base is None else base[1],
             )
         return build_observation(
             self.spec,
@@ -232,6 +272,8 @@ class BatchedEpisodes:
             sim.task_alpha_mean[rows],
             self.elapsed_s[rows] / self.options.horizon_s,
             alpha_true=sim.alpha[rows] if self.options.observe_true_alpha else None,
+            base_lengths=None if base is None else base[0][rows],
+            base_bandwidth_hz=None if base is None else base[1][rows],
         )
 
     def server_view(self) -> ServerView:
@@ -265,6 +307,7 @@ class BatchedEpisodes:
         """Play one round with an allocation given directly (baselines, live replays)."""
         r_decided = self.sim.spectral_eff_estimate  # replaced by the next round's in step()
         res = self.sim.step(lengths, bandwidth, validate=validate)
+        self._base_allocation = None  # a new state: the base decides afresh
         horizon = self.options.horizon_s
         n = self.num_envs
         inside, energy, reward, goodput, episode_goodput = (np.empty(n) for _ in range(5))

@@ -21,6 +21,9 @@ per user slot k (``USER_FEATURES``, in this order)
     last_accepted     last round's accepted tokens / L_max
     prev_share        last round's bandwidth share x K (1 = equal share), clipped to [0, 10]
     [alpha_true]      only with ``observe_true_alpha``: the hidden true acceptance rate
+    [base_length]     only with a base heuristic (``residual`` actions): its draft length
+                      for this round / L_max
+    [base_share]      ... and its bandwidth share x K, clipped to [0, 10]
 global (``GLOBAL_FEATURES``)
     active_frac       active users / K_max
     last_round_time   last round time / (L_max t_ref_s), clipped to [0, 10]
@@ -49,12 +52,14 @@ USER_FEATURES = (
     "prev_share",
 )
 GLOBAL_FEATURES = ("active_frac", "last_round_time", "horizon_frac")
+BASE_FEATURES = ("base_length", "base_share")
 _UPPER = {
     "spectral_eff": 4.0,
     "spectral_eff_avg": 4.0,
     "t_draft": 4.0,
     "upload_equal": 10.0,
     "prev_share": 10.0,
+    "base_share": 10.0,
 }
 _R_REF = 10.0  # bit/s/Hz
 # placeholders for kernel inputs a flag says are not read (same dtype and rank, no copies)
@@ -73,6 +78,7 @@ class ObservationSpec:
         payload_bits: Q_tok, bits per drafted token.
         bandwidth_hz: total uplink bandwidth B.
         observe_true_alpha: append the hidden true acceptance rate per user.
+        observe_base: append a base heuristic's allocation for this round per user.
     """
 
     max_users: int
@@ -81,10 +87,15 @@ class ObservationSpec:
     payload_bits: float
     bandwidth_hz: float
     observe_true_alpha: bool = False
+    observe_base: bool = False
 
     @property
     def user_features(self) -> tuple[str, ...]:
-        return USER_FEATURES + (("alpha_true",) if self.observe_true_alpha else ())
+        return (
+            USER_FEATURES
+            + (("alpha_true",) if self.observe_true_alpha else ())
+            + (BASE_FEATURES if self.observe_base else ())
+        )
 
     @property
     def size(self) -> int:
@@ -218,10 +229,13 @@ def build_observation(
     alpha_prior,
     horizon_frac,
     alpha_true=None,
+    base_lengths=None,
+    base_bandwidth_hz=None,
 ) -> np.ndarray:
     """Observation array ``(N, spec.size)`` from server-side quantities ``(N, K)``.
 
     K (active users) may be below ``spec.max_users``; the remaining slots are zero.
+    ``base_*`` (with ``spec.observe_base``) are a base heuristic's allocation this round.
     """
     r_hat = np.ascontiguousarray(spectral_eff_est, dtype=np.float64)
     n, k = r_hat.shape
@@ -229,6 +243,8 @@ def build_observation(
         raise ValueError(f"{k} users do not fit the observation's max_users={spec.max_users}")
     if spec.observe_true_alpha and alpha_true is None:
         raise ValueError("observe_true_alpha is set but alpha_true was not given")
+    if spec.observe_base and (base_lengths is None or base_bandwidth_hz is None):
+        raise ValueError("observe_base is set but the base allocation was not given")
 
     shape = (n, k)
 
@@ -248,6 +264,9 @@ def build_observation(
         as_array(horizon_frac, (n,)),
         as_array(alpha_true, shape) if spec.observe_true_alpha else _UNUSED,
         bool(spec.observe_true_alpha),
+        as_array(base_lengths, shape) if spec.observe_base else _UNUSED,
+        as_array(base_bandwidth_hz, shape) if spec.observe_base else _UNUSED,
+        bool(spec.observe_base),
         int(spec.max_users),
         len(spec.user_features),
         float(spec.t_ref_s),
@@ -319,6 +338,9 @@ def _observation_kernel(
     horizon_frac,
     alpha_true,
     has_true,
+    base_lengths,
+    base_bandwidth,
+    has_base,
     max_users,
     n_feat,
     t_ref,
@@ -347,6 +369,10 @@ def _observation_kernel(
             out[n, j + 10] = min(prev_share[n, k] * k_active, 10.0)
             if has_true:
                 out[n, j + 11] = alpha_true[n, k]
+            if has_base:
+                jb = j + 12 if has_true else j + 11
+                out[n, jb] = base_lengths[n, k] / l_max
+                out[n, jb + 1] = min(base_bandwidth[n, k] / bandwidth_hz * k_active, 10.0)
         out[n, glob] = k_active / max_users
         out[n, glob + 1] = min(last_round_time_s[n] / (l_max * t_ref), 10.0)
         out[n, glob + 2] = min(horizon_frac[n], 1.0)

@@ -48,7 +48,8 @@ def test_gymnasium_and_sb3_checkers_pass(env_id):
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
     for mode in MODES:
-        env = gym.make(env_id, action_mode=mode)
+        extra = {"base_policy": "homo"} if mode == "residual" else {}
+        env = gym.make(env_id, action_mode=mode, **extra)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             check_env(env.unwrapped, skip_render_check=True)
@@ -239,8 +240,14 @@ def test_observation_within_bounds_over_random_play():
 
 
 def _context(rng, n, k):
+    shares = rng.uniform(0.2, 1.0, (n, k))
     return DecisionContext(
-        rng.uniform(0.5, 9.0, (n, k)), rng.uniform(0.01, 0.04, (n, k)), 31744.0, 10e6
+        rng.uniform(0.5, 9.0, (n, k)),
+        rng.uniform(0.01, 0.04, (n, k)),
+        31744.0,
+        10e6,
+        base_lengths=rng.integers(1, 26, (n, k)),  # a base allocation for residual actions
+        base_bandwidth_hz=shares / shares.sum(axis=1, keepdims=True) * 10e6,
     )
 
 
@@ -260,7 +267,7 @@ def test_codec_feasible_by_construction(mode):
         assert np.all(lengths == lengths[:, :1])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "residual"])
 def test_codec_round_trips(mode):
     rng = np.random.default_rng(1)
     codec = ActionCodec(mode, max_users=10, max_draft_length=25)

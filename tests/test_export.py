@@ -28,13 +28,15 @@ def runs(tmp_path_factory):
             "train/hyperparams/ppo_mlp.yml",
         ],
         "discrete": ["--env-kwargs", "action_mode:lengths_discrete", "num_users:4"],
+        # corrections to a base heuristic, which the live scheduler must rebuild
+        "residual": ["--env-kwargs", "action_mode:residual", "base_policy:homo", "num_users:4"],
     }.items():
         train_main(TINY_TRAIN_ARGS + ["--run-dir", str(root / name)] + extra)
         made[name] = root / name
     return made
 
 
-@pytest.mark.parametrize("name", ["peruser", "mlp", "discrete"])
+@pytest.mark.parametrize("name", ["peruser", "mlp", "discrete", "residual"])
 def test_export_matches_sb3_policy(runs, name):
     out = export_run(runs[name], parity_samples=64)
     meta = json.loads((out / "policy.json").read_text())
@@ -78,15 +80,17 @@ def test_bad_bundles_fail_at_load(runs, tmp_path):
         bundle.act(np.zeros(5, dtype=np.float32))
 
 
-def test_bundle_deployed_as_live_scheduler(runs, tmp_path, tiny_pair_factory):
-    """The live server builds the env observation, the bundle decides, the env codec decodes."""
+@pytest.mark.parametrize("name", ["peruser", "residual"])
+def test_bundle_deployed_as_live_scheduler(runs, tmp_path, tiny_pair_factory, name):
+    """The live server builds the env observation (with a residual policy: including its base
+    heuristic's allocation), the bundle decides, the env codec decodes."""
     import asyncio
 
     from multispin_env.live.device import DeviceConfig, run_device
     from multispin_env.live.scheduler import make_scheduler
     from multispin_env.live.server import EdgeServer, LiveConfig
 
-    bundle_dir = export_run(runs["peruser"], tmp_path / "b", parity_samples=16)
+    bundle_dir = export_run(runs[name], tmp_path / "b", parity_samples=16)
     scheduler = make_scheduler(f"bundle:{bundle_dir}")
     drafter, verifier = tiny_pair_factory(48)
 

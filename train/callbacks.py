@@ -155,3 +155,21 @@ class RatePriceCallback(BaseCallback):
             self.logger.record("goodput/rate_price_tokens_per_s", self.rate)
             self._apply()
         self._tokens = self._time = 0.0
+
+
+def eval_from_start_callback_class():
+    """EvalCallback that also evaluates the policy before any training step.
+
+    Model selection (``best_model.zip``) then includes the initial policy: with ``residual``
+    actions and a zero-initialised actor that is the base heuristic itself, so the selected
+    policy is never worse than the heuristic it started from on the evaluation seeds.
+    """
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    class EvalFromStartCallback(EvalCallback):
+        def _on_training_start(self) -> None:
+            super()._on_training_start()
+            if self.eval_freq > 0 and self.num_timesteps == 0:
+                self._on_step()  # n_calls is 0, so this evaluates now
+
+    return EvalFromStartCallback

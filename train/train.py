@@ -242,7 +242,6 @@ def train(cfg: TrainConfig) -> Path:
     from stable_baselines3.common.callbacks import (
         CallbackList,
         CheckpointCallback,
-        EvalCallback,
     )
     from stable_baselines3.common.noise import NormalActionNoise
     from stable_baselines3.common.vec_env import VecNormalize
@@ -255,6 +254,7 @@ def train(cfg: TrainConfig) -> Path:
         EvalProgressLogger,
         GoodputCallback,
         RatePriceCallback,
+        eval_from_start_callback_class,
     )
     from multispin_train.hyperparams import load_hyperparams, split_hyperparams
 
@@ -262,6 +262,13 @@ def train(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.torch_threads)
     raw = load_hyperparams(cfg.algo, cfg.env_id, cfg.hyperparams_file, cfg.hyperparams)
     zoo, algo_kwargs = split_hyperparams(raw)
+    if cfg.env_kwargs.get("action_mode") == "residual" and "PerUser" in str(zoo.get("policy")):
+        # start exactly at the base heuristic: zero mean correction, no length bias
+        algo_kwargs["policy_kwargs"] = {
+            **algo_kwargs.get("policy_kwargs", {}),
+            "zero_init": True,
+            "action_bias": 0.0,
+        }
     n_envs = int(cfg.n_envs or zoo.get("n_envs", 8))
     timesteps = int(cfg.timesteps or zoo.get("n_timesteps", 1e6))
     normalize = zoo.get("normalize", False)
@@ -328,7 +335,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.eval_freq > 0:
         eval_env = build_vec_env(cfg, cfg.eval_episodes, eval_seeds[0], normalize, training=False)
         callbacks.append(
-            EvalCallback(
+            eval_from_start_callback_class()(
                 eval_env,
                 eval_freq=max(cfg.eval_freq // n_envs, 1),
                 n_eval_episodes=cfg.eval_episodes,

@@ -66,8 +66,19 @@ class BundleScheduler:
         )
         self.name = f"bundle:{folder}"
         self._checked = False
+        # a policy trained on residual actions (or observing a base) names its base heuristic
+        base = self.bundle.meta.get("env_kwargs", {}).get("base_policy")
+        self.base = None
+        if base is not None:
+            from multispin_agents.tuned import TunedHeuristic
 
-    def act(self, view, obs: np.ndarray, feature_names=None):
+            self.base = TunedHeuristic.parse(base)
+
+    def base_allocation(self, view):
+        """The base heuristic's decision on the server's view (None without a base)."""
+        return None if self.base is None else self.base.act(view)
+
+    def act(self, view, obs: np.ndarray, feature_names=None, base=None):
         from multispin_env.action_codec import DecisionContext
 
         if feature_names is not None and not self._checked:
@@ -75,8 +86,14 @@ class BundleScheduler:
             self.bundle.check_features(feature_names)
             self._checked = True
         action = self.bundle.act(obs)
+        if self.base is not None and base is None:
+            base = self.base_allocation(view)
         ctx = DecisionContext(
-            view.spectral_eff_est, view.t_draft_s, view.payload_bits, view.bandwidth_hz
+            view.spectral_eff_est,
+            view.t_draft_s,
+            view.payload_bits,
+            view.bandwidth_hz,
+            *(base if base is not None else (None, None)),
         )
         return self.codec.decode(action, ctx)
 

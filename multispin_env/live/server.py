@@ -492,9 +492,10 @@ class EdgeServer:
             t_ref_s=self.cfg.t_ref_s or self.scenario.t_draft_mean_s,
             payload_bits=float(self.payload_bits),
             bandwidth_hz=self.bandwidth_hz,
+            observe_base=getattr(self.scheduler, "base", None) is not None,
         )
 
-    def observation(self, users: list[_User], r_est: np.ndarray) -> np.ndarray:
+    def observation(self, users: list[_User], r_est: np.ndarray, base=None) -> np.ndarray:
         """The env's observation vector ``(1, size)`` for the connected users, built by the
         same builder and history as in simulation (users fill slots 0..K-1 in slot order)."""
         spec = self._observation_spec()
@@ -507,6 +508,8 @@ class EdgeServer:
             np.array([[u.t_draft_est_s for u in users]]),
             np.full((1, len(users)), self.alpha_prior),
             np.array([horizon_frac]),
+            base_lengths=None if base is None else base[0],
+            base_bandwidth_hz=None if base is None else base[1],
         )
 
     def context_room(self, user: _User) -> int:
@@ -545,12 +548,13 @@ class EdgeServer:
         r_est = spectral_efficiency(sc.tx_power_w, estimate, sc.noise_power_w)
         view = self._view(users, r_est)
         if getattr(self.scheduler, "uses_observation", False):  # e.g. an exported policy
-            obs = self.observation(users, r_est)
             if isinstance(self.scheduler, BundleScheduler):
+                base = self.scheduler.base_allocation(view)
+                obs = self.observation(users, r_est, base)
                 names = self._observation_spec().feature_names
-                lengths, bandwidth = self.scheduler.act(view, obs, names)
+                lengths, bandwidth = self.scheduler.act(view, obs, names, base)
             else:
-                lengths, bandwidth = self.scheduler.act(view, obs)
+                lengths, bandwidth = self.scheduler.act(view, self.observation(users, r_est))
         else:
             lengths, bandwidth = self.scheduler.act(view)
         # near the context limit a draft is shortened to what still fits

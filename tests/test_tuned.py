@@ -1,0 +1,136 @@
+"""Tuned heuristics and residual actions: the family contains the paper's schemes exactly,
+its knobs do what they say, and a zero residual action plays the base heuristic exactly."""
+
+import json
+
+import numpy as np
+import pytest
+
+from multispin_agents.policies import SolverPolicy
+from multispin_agents.tuned import TunedHeuristic, load_tuned
+from multispin_env.episodes import BatchedEpisodes, EnvOptions
+from multispin_eval.harness import SolverController, run_episodes, scenario_for, seed_keys
+
+SEEDS = list(range(10, 16))
+SMALL = {"num_users": 5, "horizon_s": 4.0}
+
+
+@pytest.mark.parametrize("env_id", ["multispin/PaperLlama2-v0", "multispin/RealisticLlama2-v0"])
+@pytest.mark.parametrize("scheme", ["homo", "hete"])
+def test_untuned_knobs_are_the_paper_scheme_exactly(env_id, scheme):
+    plain = run_episodes(SolverController(SolverPolicy(scheme)), env_id, SEEDS, env_kwargs=SMALL)
+    tuned = run_episodes(
+        SolverController(TunedHeuristic(scheme, length_cap=25)), env_id, SEEDS, env_kwargs=SMALL
+    )
+    np.testing.assert_array_equal(plain.goodput, tuned.goodput)
+
+
+def test_knobs_cap_lengths_and_hedge_bandwidth():
+    cfg, options = scenario_for("multispin/RealisticLlama2-v0", {"num_users": 6})
+    episodes = BatchedEpisodes(cfg, EnvOptions.build(cfg, **options), 8)
+    episodes.reset(seed_keys(range(8)), np.arange(8))
+    view = episodes.server_view()
+    lengths, bandwidth = TunedHeuristic("hete", length_cap=3, equal_mix=0.5).act(view)
+    assert lengths.max() <= 3
+    assert bandwidth.min() >= 0.5 * cfg.bandwidth_hz / 6 - 1e-6
+    np.testing.assert_allclose(bandwidth.sum(axis=1), cfg.bandwidth_hz)
+    # a pessimistic channel makes uploads look slower: drafts get no longer
+    short, _ = TunedHeuristic("homo", csi_margin=0.3).act(view)
+    full, _ = TunedHeuristic("homo").act(view)
+    assert np.all(short <= full) and short.sum() < full.sum()
+
+
+def test_names_are_specs_and_parse_back():
+    h = TunedHeuristic("hete", "history", length_cap=7, csi_margin=0.83, equal_mix=0.1, fast=True)
+    assert TunedHeuristic.parse(h.name) == h
+    assert TunedHeuristic.parse("hete", max_draft_length=25) == TunedHeuristic("hete")
+    assert TunedHeuristic.parse("tuned[homo,mix=0.2]", 9).length_cap == 9
+    for bad in ("tuned[hete,cap=0]", "tuned[bogus]", "tuned[hete,margin=1.5]", "heat"):
+        with pytest.raises(ValueError):
+            TunedHeuristic.parse(bad)
+
+
+def test_tune_finds_at_least_the_paper_schemes_and_writes_a_loadable_result(tmp_path):
+    from multispin_train.tune import main as tune_main
+
+    out = tmp_path / "t.json"
+    result = tune_main(
+        ["--env", "multispin/RealisticLlama2-v0", "--trials", "6", "--seeds", "3",
+         "--env-kwargs", "num_users:5", "horizon_s:4.0", "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["best"] == result["best"] and len(saved["trials"]) == 6
+    # the untuned schemes were enqueued first: the best is at least plain Hete
+    assert saved["tuning_goodput"] >= saved["hete_goodput"] - 1e-9
+    assert load_tuned(out) == TunedHeuristic(**saved["best"])
+
+
+@pytest.mark.parametrize("base", ["hete", "tuned[homo,history,cap=6,margin=0.7,mix=0.2]"])
+def test_zero_residual_action_plays_the_base_heuristic_exactly(base):
+    env_id = "multispin/RealisticLlama2-v0"
+    cfg, options = scenario_for(env_id, SMALL | {"action_mode": "residual", "base_policy": base})
+    opts = EnvOptions.build(cfg, **options)
+    episodes = BatchedEpisodes(cfg, opts, len(SEEDS))
+    episodes.reset(seed_keys(SEEDS), np.arange(len(SEEDS)))
+    done = np.zeros(len(SEEDS), dtype=bool)
+    goodput = np.zeros(len(SEEDS))
+    zero = np.zeros((len(SEEDS),) + episodes.codec.space.shape, dtype=np.float32)
+    while not done.all():
+        obs = episodes.observe()
+        base_lengths, base_bw = episodes.base_allocation()
+        k = cfg.num_users
+        f = len(episodes.spec.user_features)
+        users = obs[:, : opts.max_users * f].reshape(len(SEEDS), -1, f)[:, :k]
+        np.testing.assert_allclose(users[..., -2], base_lengths / cfg.max_draft_length, 1e-6)
+        _, truncated, s = episodes.step(zero)
+        np.testing.assert_array_equal(s["draft_lengths"], base_lengths)
+        np.testing.assert_allclose(s["bandwidth_hz"], base_bw, rtol=1e-12)
+        goodput[truncated & ~done] = s["episode_goodput_tokens_per_s"][truncated & ~done]
+        done |= truncated
+    heuristic = TunedHeuristic.parse(opts.base_policy)
+    expected = run_episodes(SolverController(heuristic), env_id, SEEDS, env_kwargs=SMALL)
+    np.testing.assert_allclose(goodput, expected.goodput, rtol=1e-12)
+
+
+def test_residual_corrections_move_lengths_and_shares():
+    from multispin_env.action_codec import ActionCodec, DecisionContext, residual_range
+
+    codec = ActionCodec("residual", max_users=4, max_draft_length=25)
+    step = residual_range(25)
+    base_len = np.array([[5, 1, 25, 10]])
+    base_bw = np.array([[1.0, 2.0, 3.0, 4.0]]) * 1e6
+    ctx = DecisionContext(np.ones((1, 4)), np.ones((1, 4)), 1.0, 10e6, base_len, base_bw)
+    action = np.array([[1.0, -1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 1.0]], dtype=np.float32)
+    lengths, bandwidth = codec.decode(action, ctx)
+    np.testing.assert_array_equal(lengths, [[5 + step, 1, 25, 10 + round(0.5 * step)]])
+    share = bandwidth / bandwidth.sum()
+    assert share[0, 3] / share[0, 2] == pytest.approx(4 / 3 * np.exp(1.5))
+    with pytest.raises(ValueError, match="base_policy"):
+        codec.decode(action, DecisionContext(np.ones((1, 4)), np.ones((1, 4)), 1.0, 10e6))
+
+
+def test_residual_mode_needs_a_base_policy():
+    cfg, _ = scenario_for("multispin/PaperLlama2-v0")
+    with pytest.raises(ValueError, match="set base_policy"):
+        EnvOptions.build(cfg, action_mode="residual")
+    with pytest.raises(ValueError, match="base_policy='heat'"):
+        EnvOptions.build(cfg, action_mode="residual", base_policy="heat")
+
+
+def test_zero_initialised_per_user_policy_starts_at_the_base():
+    import gymnasium as gym
+    import torch
+
+    import multispin_env  # noqa: F401
+    from multispin_agents.per_user_policy import PerUserActorCriticPolicy
+
+    env = gym.make(
+        "multispin/PaperLlama2-v0", num_users=4, action_mode="residual", base_policy="homo"
+    )
+    policy = PerUserActorCriticPolicy(
+        env.observation_space, env.action_space, lambda _: 1e-3, zero_init=True
+    )
+    obs, _ = env.reset(seed=0)
+    with torch.no_grad():
+        action, _ = policy.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(action, np.zeros_like(action))
