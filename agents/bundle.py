@@ -52,7 +52,7 @@ ACTION_SIZES = {
     "lengths_discrete": lambda k: k,
     "homogeneous": lambda k: 1,
     "homogeneous_discrete": lambda k: 1,
-    "residual": lambda k: 2 * k,
+    "residual": lambda k: k,
 }
 ALGOS = ("ppo", "a2c", "sac", "td3")
 MAX_DRAFT_LENGTH_LIMIT = 1024

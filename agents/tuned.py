@@ -87,6 +87,27 @@ class TunedHeuristic:
             bandwidth = (1 - self.equal_mix) * bandwidth + self.equal_mix * view.bandwidth_hz / k
         return lengths, bandwidth
 
+    def bandwidth_for(self, view, lengths: np.ndarray) -> np.ndarray:
+        """This heuristic's bandwidth rule applied to other draft lengths ``(N, K)``: the
+        latency-equalising split on the margin-scaled channel (equal shares for Uni-BW),
+        then the equal-share mix. For its own lengths it is its own bandwidth."""
+        from multispin_env.allocation import latency_equalising_bandwidth
+
+        lengths = np.asarray(lengths)
+        k = lengths.shape[1]
+        if self.scheme == "uni_bw":
+            return np.full(lengths.shape, view.bandwidth_hz / k)
+        bandwidth, _ = latency_equalising_bandwidth(
+            lengths,
+            view.t_draft_s,
+            view.spectral_eff_est * self.csi_margin,
+            view.payload_bits,
+            view.bandwidth_hz,
+        )
+        if self.equal_mix > 0:
+            bandwidth = (1 - self.equal_mix) * bandwidth + self.equal_mix * view.bandwidth_hz / k
+        return bandwidth
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

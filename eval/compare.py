@@ -83,6 +83,18 @@ def compare(
     progress: bool = True,
 ) -> list[dict]:
     """Rows of summary metrics, one per policy, plus ``vs_hete`` (goodput ratio)."""
+    return compare_with_scores(env_id, specs, seeds, env_kwargs, horizon_s, progress)[0]
+
+
+def compare_with_scores(
+    env_id: str,
+    specs: list[str],
+    seeds: list[int],
+    env_kwargs: dict | None = None,
+    horizon_s: float | None = None,
+    progress: bool = True,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """:func:`compare` plus each policy's per-episode goodput (same seed order for all)."""
     controllers = [make_controller(s, env_id) for s in specs]
     options, scenario = split_kwargs(dict(env_kwargs or {}))
     for ctrl in controllers:
@@ -110,6 +122,7 @@ def compare(
     for ctrl in tqdm(controllers, desc="evaluating policies", disable=not progress):
         metrics = run_episodes(ctrl, env_id, seeds, horizon_s=horizon_s, env_kwargs=env_kwargs)
         rows.append({"policy": ctrl.name, **metrics.summary(), "_goodput": metrics.goodput})
+    scores = {r["policy"]: r["_goodput"] for r in rows}
     ref = next(r for r in rows if r["policy"] == "hete")
     for r in rows:
         r["vs_hete"] = r["goodput"] / ref["goodput"]
@@ -117,7 +130,7 @@ def compare(
         paired = r.pop("_goodput") / ref["_goodput"] if r is not ref else None
         r["vs_hete_ci95"] = ci95_halfwidth(paired) if paired is not None else 0.0
     ref.pop("_goodput", None)
-    return rows
+    return rows, scores
 
 
 COLUMNS = [

@@ -14,12 +14,14 @@ modes
     lengths_discrete      MultiDiscrete([L_max] * K_max): L_k = a_k + 1; Lemma 3 bandwidth.
     homogeneous           Box(-1, 1, (1,)): one common draft length; Lemma 1 bandwidth.
     homogeneous_discrete  Discrete(L_max): L = a + 1; Lemma 1 bandwidth.
-    residual              Box(-1, 1, (2 K_max,)): corrections to a base heuristic's allocation
-                          (the env's ``base_policy``). L_k = clip(L_base_k + rint(a_k R), 1,
-                          L_max) with R = residual_range(L_max); share_k = share_base_k
-                          exp(SHARE_TEMPERATURE a'_k), renormalised. The zero action is the
-                          base heuristic's allocation exactly, so a policy whose mean starts
-                          at zero starts as the heuristic and RL only has to improve on it.
+    residual              Box(-1, 1, (K_max,)): corrections to a base heuristic's draft lengths
+                          (the env's ``base_policy``): L_k = clip(L_base_k + rint(a_k R), 1,
+                          L_max), R = residual_range(L_max); bandwidth by the base's own rule
+                          for the corrected lengths (its Lemma 3 split, with its CSI margin and
+                          equal-share mix). A row whose lengths are unchanged gets the base's
+                          allocation exactly, so a policy whose mean starts at zero starts as
+                          the heuristic and RL only has to improve on it. (Bandwidth is not a
+                          policy output here: exploring it scatters the round's straggler.)
 
 Slots beyond the K active users are ignored. Box entries outside [-1, 1] are clipped;
 discrete actions must be integers (or integral floats) in range: anything else raises,
@@ -28,6 +30,7 @@ naming the expected shape or range (see :meth:`ActionCodec.check`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +66,8 @@ class DecisionContext:
         bandwidth_hz: total uplink bandwidth B.
         base_lengths, base_bandwidth_hz: ``(N, K)`` the base heuristic's allocation (the
             ``residual`` mode corrects it; None otherwise).
+        base_bandwidth_for: the base's bandwidth rule, ``lengths (N, K) -> Hz (N, K)``, for
+            corrected lengths.
     """
 
     spectral_eff_est: np.ndarray
@@ -71,6 +76,7 @@ class DecisionContext:
     bandwidth_hz: float
     base_lengths: np.ndarray | None = None
     base_bandwidth_hz: np.ndarray | None = None
+    base_bandwidth_for: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @kernel
@@ -99,22 +105,13 @@ def _decode_full_kernel(action, num_users, max_users, l_max, bandwidth_hz, lengt
 
 
 @kernel
-def _decode_residual_kernel(
-    action, base_lengths, base_bandwidth, num_users, max_users, l_max, step, bandwidth_hz,
-    lengths, bandwidth,
-):  # fmt: skip
-    """``residual`` mode: corrections to the base allocation; a = 0 gives the base exactly."""
-    for n in range(action.shape[0]):
-        total = 0.0
-        for k in range(num_users):
+def _residual_lengths_kernel(action, base_lengths, l_max, step, lengths):
+    """``residual`` mode: L_base + rint(a R), clipped; a = 0 gives the base exactly."""
+    for n in range(lengths.shape[0]):
+        for k in range(lengths.shape[1]):
             a = min(max(np.float64(action[n, k]), -1.0), 1.0)
             length = base_lengths[n, k] + np.rint(a * step)
             lengths[n, k] = np.int64(min(max(length, 1.0), l_max))
-            b = min(max(np.float64(action[n, max_users + k]), -1.0), 1.0)
-            bandwidth[n, k] = base_bandwidth[n, k] * np.exp(SHARE_TEMPERATURE * b)
-            total += bandwidth[n, k]
-        for k in range(num_users):
-            bandwidth[n, k] = bandwidth[n, k] / total * bandwidth_hz
 
 
 @kernel
@@ -158,7 +155,7 @@ class ActionCodec:
         l_max = max_draft_length
         self.space: spaces.Space = {
             "full": spaces.Box(-1.0, 1.0, (2 * max_users,), dtype=np.float32),
-            "residual": spaces.Box(-1.0, 1.0, (2 * max_users,), dtype=np.float32),
+            "residual": spaces.Box(-1.0, 1.0, (max_users,), dtype=np.float32),
             "lengths": spaces.Box(-1.0, 1.0, (max_users,), dtype=np.float32),
             "lengths_discrete": spaces.MultiDiscrete(np.full(max_users, l_max)),
             "homogeneous": spaces.Box(-1.0, 1.0, (1,), dtype=np.float32),
@@ -262,21 +259,25 @@ class ActionCodec:
             )  # fmt: skip
             return lengths, bandwidth
         if self.mode == "residual":
-            if ctx.base_lengths is None or ctx.base_bandwidth_hz is None:
+            if ctx.base_lengths is None or ctx.base_bandwidth_for is None:
                 raise ValueError(
                     "the 'residual' action mode corrects a base heuristic's allocation, but "
                     "none was given: set the env option base_policy (e.g. 'hete' or "
                     "'tuned[hete,cap=6]')"
                 )
+            base_lengths = np.asarray(ctx.base_lengths)
             lengths = np.empty((n, k), dtype=np.int64)
-            bandwidth = np.empty((n, k))
-            _decode_residual_kernel(
+            _residual_lengths_kernel(
                 np.ascontiguousarray(a),
-                np.ascontiguousarray(ctx.base_lengths, dtype=np.float64),
-                np.ascontiguousarray(ctx.base_bandwidth_hz, dtype=np.float64),
-                k, self.max_users, l_max, float(residual_range(l_max)), float(ctx.bandwidth_hz),
-                lengths, bandwidth,
-            )  # fmt: skip
+                np.ascontiguousarray(base_lengths, dtype=np.float64),
+                l_max,
+                float(residual_range(l_max)),
+                lengths,
+            )
+            bandwidth = np.array(ctx.base_bandwidth_hz, dtype=np.float64)
+            changed = np.any(lengths != base_lengths, axis=1)
+            if changed.any():
+                bandwidth[changed] = ctx.base_bandwidth_for(lengths)[changed]
             return lengths, bandwidth
         if self.mode == "lengths":
             lengths = _box_to_length(a[:, :k], l_max)

@@ -239,13 +239,23 @@ class BatchedEpisodes:
         self.last_bandwidth[env_ids] = 0.0
 
     def context(self) -> DecisionContext:
-        base = self.base_allocation() if self.options.action_mode == "residual" else None
+        if self.options.action_mode != "residual":
+            return DecisionContext(
+                self.sim.spectral_eff_estimate,
+                self.sim.t_draft_s,
+                float(self.config.payload_bits),
+                self.config.bandwidth_hz,
+            )
+        view = self.server_view()
+        base_lengths, base_bandwidth = self.base_allocation()
         return DecisionContext(
-            self.sim.spectral_eff_estimate,
-            self.sim.t_draft_s,
-            float(self.config.payload_bits),
-            self.config.bandwidth_hz,
-            *(base if base is not None else (None, None)),
+            view.spectral_eff_est,
+            view.t_draft_s,
+            view.payload_bits,
+            view.bandwidth_hz,
+            base_lengths,
+            base_bandwidth,
+            lambda lengths: self.base.bandwidth_for(view, lengths),
         )
 
     def observe(self, rows: np.ndarray | None = None) -> np.ndarray:

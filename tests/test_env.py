@@ -248,6 +248,7 @@ def _context(rng, n, k):
         10e6,
         base_lengths=rng.integers(1, 26, (n, k)),  # a base allocation for residual actions
         base_bandwidth_hz=shares / shares.sum(axis=1, keepdims=True) * 10e6,
+        base_bandwidth_for=lambda lengths: lengths / lengths.sum(axis=1, keepdims=True) * 10e6,
     )
 
 

@@ -131,15 +131,16 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
         _plot_protocols(paper, Path({str(tmp_path)!r}) / "p.png")
         import gymnasium as gym
         import multispin_env  # noqa: F401
-        from multispin_train.experiments import plot_learning_curve
+        from multispin_train.experiments import plot_learning_curves
 
         env = gym.make("multispin/PaperLlama2-v0", num_users=3, render_mode="rgb_array")
         env.reset(seed=0)
         env.step(env.action_space.sample())
         assert env.render().shape[-1] == 3
-        curve = Path({str(tmp_path)!r}) / "progress.csv"
+        curve = Path({str(tmp_path)!r}) / "eval_progress.csv"
         curve.write_text("timesteps,wall_s,eval_goodput_tokens_per_s\\n0,0,10\\n64,60,20\\n")
-        plot_learning_curve(curve, 20.0, 0.98, Path({str(tmp_path)!r}) / "c.png", "t")
+        out = Path({str(tmp_path)!r}) / "c.png"
+        plot_learning_curves({{0: curve.parent}}, 20.0, 18.0, out, "t")
         print(before, matplotlib.get_backend())
         """
     )
@@ -151,3 +152,22 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
     assert done.stdout.split() == ["svg", "svg"]
     assert (tmp_path / "compare.png").stat().st_size > 1000
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seed_statistics_match_their_definitions():
+    from multispin_eval.stats import iqm, probability_of_improvement, stratified_bootstrap_ci
+
+    # IQM of 1..8: the middle half is 3, 4, 5, 6
+    assert iqm(np.arange(1, 9)) == pytest.approx(4.5)
+    assert iqm([[1, 100], [2, 3], [4, 5], [6, -50]]) == pytest.approx((2 + 3 + 4 + 5) / 4)
+    # a constant score has a zero-width interval; a spread one covers its IQM
+    assert stratified_bootstrap_ci(np.full((5, 3), 2.0)) == (2.0, 2.0)
+    rng = np.random.default_rng(0)
+    scores = rng.normal(1.0, 0.1, size=(5, 32))
+    lo, hi = stratified_bootstrap_ci(scores, reps=500)
+    assert lo < iqm(scores) < hi and hi - lo < 0.1
+    # probability of improvement: all above, all below, ties, and a 3-of-4 case
+    assert probability_of_improvement([[2.0]], [[1.0]]) == 1.0
+    assert probability_of_improvement([[0.0]], [[1.0]]) == 0.0
+    assert probability_of_improvement([[1.0]], [[1.0]]) == 0.5
+    assert probability_of_improvement([[1], [2], [3], [0]], [[0.5]]) == 0.75

@@ -199,15 +199,18 @@ def test_sweep_runs_trials_on_rdb_storage(tmp_path):
     assert all(0.0 < t.value < 2.0 for t in study.trials)
 
 
-def test_time_to_target_reads_eval_progress(tmp_path):
-    from multispin_train.experiments import time_to_target
+def test_seed_statistics_report_iqm_worst_seed_and_improvement():
+    import numpy as np
 
-    path = tmp_path / "p.csv"
-    path.write_text(
-        "timesteps,wall_s,eval_goodput_tokens_per_s\n100,5.0,90\n200,9.5,143.4\n300,14.0,150\n"
-    )
-    assert time_to_target(path, 143.0) == (9.5, 200)
-    assert time_to_target(path, 151.0) == (None, None)
+    from multispin_train.experiments import seed_statistics
+
+    ratios = np.array([[1.0, 1.1], [0.9, 0.9], [1.2, 1.0], [1.05, 1.05], [1.0, 1.0]])
+    stats = seed_statistics(ratios)
+    assert stats["worst_seed_mean"] == pytest.approx(0.9)
+    assert stats["per_seed_mean"] == pytest.approx([1.05, 0.9, 1.1, 1.05, 1.0])
+    assert stats["iqm_ci95"][0] <= stats["iqm"] <= stats["iqm_ci95"][1]
+    # 4 of 10 entries above 1 and 4 ties: (4 + 0.5 * 4) / 10
+    assert stats["probability_of_improvement"] == pytest.approx(0.6)
 
 
 def test_evaluate_rejects_unknown_policy(tmp_path):

@@ -92,21 +92,38 @@ def test_zero_residual_action_plays_the_base_heuristic_exactly(base):
     np.testing.assert_allclose(goodput, expected.goodput, rtol=1e-12)
 
 
-def test_residual_corrections_move_lengths_and_shares():
+def test_residual_corrections_move_lengths_and_rebalance_bandwidth():
     from multispin_env.action_codec import ActionCodec, DecisionContext, residual_range
 
     codec = ActionCodec("residual", max_users=4, max_draft_length=25)
     step = residual_range(25)
-    base_len = np.array([[5, 1, 25, 10]])
-    base_bw = np.array([[1.0, 2.0, 3.0, 4.0]]) * 1e6
-    ctx = DecisionContext(np.ones((1, 4)), np.ones((1, 4)), 1.0, 10e6, base_len, base_bw)
-    action = np.array([[1.0, -1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 1.0]], dtype=np.float32)
+    base_len = np.array([[5, 1, 25, 10], [3, 3, 3, 3]])
+    base_bw = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]]) * 1e6
+    calls = []
+
+    def rule(lengths):  # stands for the base's bandwidth rule: proportional to L
+        calls.append(lengths.copy())
+        return lengths / lengths.sum(axis=1, keepdims=True) * 10e6
+
+    ctx = DecisionContext(np.ones((2, 4)), np.ones((2, 4)), 1.0, 10e6, base_len, base_bw, rule)
+    action = np.array([[1.0, -1.0, 1.0, 0.5], [0.01, -0.02, 0.0, 0.0]], dtype=np.float32)
     lengths, bandwidth = codec.decode(action, ctx)
-    np.testing.assert_array_equal(lengths, [[5 + step, 1, 25, 10 + round(0.5 * step)]])
-    share = bandwidth / bandwidth.sum()
-    assert share[0, 3] / share[0, 2] == pytest.approx(4 / 3 * np.exp(1.5))
+    np.testing.assert_array_equal(lengths[0], [5 + step, 1, 25, 10 + round(0.5 * step)])
+    np.testing.assert_array_equal(lengths[1], base_len[1])  # corrections below half a step
+    np.testing.assert_allclose(bandwidth[0], rule(lengths)[0])  # the base's rule, new lengths
+    np.testing.assert_array_equal(bandwidth[1], base_bw[1])  # unchanged row: the base exactly
     with pytest.raises(ValueError, match="base_policy"):
-        codec.decode(action, DecisionContext(np.ones((1, 4)), np.ones((1, 4)), 1.0, 10e6))
+        codec.decode(action, DecisionContext(np.ones((2, 4)), np.ones((2, 4)), 1.0, 10e6))
+
+
+def test_the_base_bandwidth_rule_reproduces_its_own_allocation():
+    cfg, options = scenario_for("multispin/RealisticLlama2-v0", {"num_users": 6})
+    episodes = BatchedEpisodes(cfg, EnvOptions.build(cfg, **options), 8)
+    episodes.reset(seed_keys(range(8)), np.arange(8))
+    view = episodes.server_view()
+    for h in (TunedHeuristic("hete", csi_margin=0.6, equal_mix=0.3), TunedHeuristic("uni_bw")):
+        lengths, bandwidth = h.act(view)
+        np.testing.assert_allclose(h.bandwidth_for(view, lengths), bandwidth, rtol=1e-6)
 
 
 def test_residual_mode_needs_a_base_policy():

@@ -1,14 +1,27 @@
-"""The two headline experiments, each one command: train, then compare on held-out seeds.
+"""The two headline experiments, each one command: tune, train over seeds, compare.
 
     multispin experiment paper        # static acceptance known: learned vs Hete (optimal there)
     multispin experiment realistic    # hidden per-request acceptance, churn, CSI error,
-                                      # token-aware verification
+                                      # token-aware verification (GPU-like split)
 
-Each writes ``results/experiments/<name>/``: ``compare.{md,csv,png}`` (32 held-out episodes,
-seeds disjoint from training and from model selection), ``learning_curve.png`` (evaluation
-goodput against wall-clock training time) and ``summary.json`` (training time, time to reach
-the target share of Hete-Multi-SPIN, the exact commands). The training run itself goes to
-``runs/experiments/<name>/``.
+Each experiment
+
+1. takes the best tuned heuristic of the scenario (``results/tuned/<env>.json``, made by
+   ``multispin tune`` on tuning seeds if it is missing);
+2. trains PPO with ``residual`` actions over that heuristic (its cheap solver variant), from
+   a zero-initialised actor, once per training seed (default 5 seeds, ``--jobs`` at a time);
+   model selection (``best_model.zip``) evaluates before the first update too, so a run can
+   only keep a policy that beat its starting point on the evaluation seeds;
+3. compares every seed's selected policy with Fixed, Uni-BW, Homo, Hete and the tuned
+   heuristic on 32 held-out episodes (seeds 2,000,000+, disjoint from training, model
+   selection and tuning), with common random numbers;
+4. reports, across training seeds, the interquartile mean of the per-episode goodput ratio
+   to the tuned heuristic with a stratified-bootstrap 95% CI, the probability of improvement
+   over the tuned heuristic, the worst seed, and each seed's paired CI;
+5. exports every seed's policy as a bundle (``bundle_s<seed>/``: ONNX + sidecar).
+
+Outputs: ``results/experiments/<name>/`` (``compare.{md,csv,png}``, ``seeds.csv``,
+``learning_curves.png``, ``summary.json``, bundles); runs in ``runs/experiments/<name>/``.
 """
 
 from __future__ import annotations
@@ -17,154 +30,234 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 EXPERIMENTS = {
     "paper": {
         "env_id": "multispin/PaperLlama2-v0",
-        "env_kwargs": {"action_mode": "lengths"},
-        "timesteps": 300_000,
+        "timesteps": 100_000,
         "target": 0.98,
+        "target_of": "hete",
         "policies": ["fixed", "uni_bw", "homo", "hete"],
-        "question": "learned policy >= 98% of Hete-Multi-SPIN (optimal in this setting)",
+        "question": "learned policy >= 0.98 x Hete-Multi-SPIN (optimal in this setting) as an "
+        "IQM over training seeds",
     },
     "realistic": {
         "env_id": "multispin/RealisticLlama2-v0",
-        "env_kwargs": {"action_mode": "full"},
-        "timesteps": 600_000,
-        "target": 1.15,
-        "policies": [
-            "fixed",
-            "uni_bw",
-            "homo",
-            "hete",
-            "hete[history]",
-            "hete[oracle]",
-            "hete[oracle,csi]",
-        ],
-        "question": "learned policy >= 1.15 x Hete-Multi-SPIN fed the offline task means and "
-        "the last CSI, and above every other baseline",
+        "timesteps": 150_000,
+        "target": 1.0,
+        "target_of": "tuned",
+        "policies": ["fixed", "uni_bw", "homo", "hete", "hete[history]"],
+        "question": "learned policy >= 1.0 x the best tuned heuristic as an IQM over training "
+        "seeds",
     },
 }
 
 
-def time_to_target(progress_csv: Path, level: float) -> tuple[float | None, int | None]:
-    """(wall seconds, env steps) of the first evaluation at or above ``level`` tokens/s."""
-    if not progress_csv.is_file():
-        return None, None
-    with progress_csv.open() as f:
-        for row in csv.DictReader(f):
-            if float(row["eval_goodput_tokens_per_s"]) >= level:
-                return float(row["wall_s"]), int(row["timesteps"])
-    return None, None
+def ensure_tuned(env_id: str, progress: bool = True) -> Path:
+    """The scenario's tuned-heuristic file, made with ``multispin tune``'s defaults if missing."""
+    from multispin_agents.tuned import default_tuned_path
+
+    path = default_tuned_path(env_id)
+    if not path.is_file():
+        from multispin_train.tune import main as tune_main
+
+        tune_main(["--env", env_id] + ([] if progress else ["--no-progress"]))
+    return path
 
 
-def plot_learning_curve(
-    progress_csv: Path, reference: float, target: float, path: Path, title: str
+def plot_learning_curves(
+    runs: dict[int, Path], reference: float, base: float | None, path: Path, title: str
 ) -> None:
     from multispin_eval.plotting import new_figure
 
-    with progress_csv.open() as f:
-        rows = list(csv.DictReader(f))
-    wall = [float(r["wall_s"]) / 60 for r in rows]
-    goodput = [float(r["eval_goodput_tokens_per_s"]) for r in rows]
     fig, ax = new_figure(figsize=(6.4, 3.6))
-    ax.plot(wall, goodput, marker="o", label="learned (eval seeds)")
+    for seed, run_dir in runs.items():
+        with (run_dir / "eval_progress.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        steps = [int(r["timesteps"]) / 1e3 for r in rows]
+        goodput = [float(r["eval_goodput_tokens_per_s"]) for r in rows]
+        ax.plot(steps, goodput, marker="o", ms=3, lw=1, label=f"seed {seed}")
     ax.axhline(reference, color="k", ls="--", lw=1, label="Hete-Multi-SPIN")
-    ax.axhline(target * reference, color="tab:red", ls=":", lw=1, label=f"{target:g} x Hete")
-    ax.set_xlabel("training wall-clock (min, 1 thread)")
-    ax.set_ylabel("episode goodput (tokens/s)")
-    ax.set_title(title, fontsize=10)
-    ax.legend()
+    if base is not None:
+        ax.axhline(base, color="tab:red", ls=":", lw=1, label="base (tuned, fast solver)")
+    ax.set_xlabel("training env steps (thousands)")
+    ax.set_ylabel("eval goodput (tokens/s)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
+
+
+def _train_command(spec: dict, base_policy: str, seed: int, steps: int, run_dir: Path) -> list:
+    return [
+        sys.executable, "-m", "multispin_env.cli", "train",
+        "--env", spec["env_id"],
+        "--env-kwargs", "action_mode:residual", f"base_policy:{base_policy}",
+        "--timesteps", str(steps), "--seed", str(seed),
+        "--eval-freq", "10000", "--eval-episodes", "16", "--checkpoint-freq", "0",
+        "--run-dir", str(run_dir), "--no-progress", "--name", f"learned s{seed}",
+    ]  # fmt: skip
+
+
+def train_seeds(spec, base_policy, seeds, steps, run_root: Path, jobs: int) -> dict[int, Path]:
+    """One residual training run per seed, ``jobs`` processes at a time (one thread each)."""
+    from tqdm import tqdm
+
+    runs = {s: run_root / f"s{s}" for s in seeds}
+    pending = list(seeds)
+    active: dict[int, subprocess.Popen] = {}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    bar = tqdm(total=len(seeds), desc=f"training {len(seeds)} seeds, {jobs} at a time")
+    while pending or active:
+        while pending and len(active) < jobs:
+            seed = pending.pop(0)
+            runs[seed].mkdir(parents=True, exist_ok=True)
+            log = open(runs[seed] / "train.log", "w")  # noqa: SIM115
+            cmd = _train_command(spec, base_policy, seed, steps, runs[seed])
+            active[seed] = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+            log.close()
+        for seed, proc in list(active.items()):
+            if proc.poll() is not None:
+                del active[seed]
+                bar.update(1)
+                if proc.returncode != 0:
+                    tail = (runs[seed] / "train.log").read_text()[-2000:]
+                    raise RuntimeError(f"training seed {seed} failed:\n{tail}")
+        time.sleep(1.0)
+    bar.close()
+    return runs
+
+
+def seed_statistics(ratios: np.ndarray) -> dict:
+    """Across-seed report of per-episode goodput ratios (seeds x episodes) to a reference."""
+    from multispin_eval.stats import (
+        ci95_halfwidth,
+        iqm,
+        probability_of_improvement,
+        stratified_bootstrap_ci,
+    )
+
+    lo, hi = stratified_bootstrap_ci(ratios)
+    per_seed = ratios.mean(axis=1)
+    return {
+        "iqm": iqm(ratios),
+        "iqm_ci95": [lo, hi],
+        "probability_of_improvement": probability_of_improvement(ratios, np.ones_like(ratios[:1])),
+        "per_seed_mean": per_seed.tolist(),
+        "per_seed_ci95": [ci95_halfwidth(r) for r in ratios],
+        "worst_seed_mean": float(per_seed.min()),
+    }
 
 
 def run_experiment(
     name: str,
     timesteps: int | None,
-    seed: int,
+    seeds: list[int],
     eval_seeds: int,
     out_root: str,
     run_root: str,
-    algo: str = "ppo",
+    jobs: int = 2,
     evaluate_only: bool = False,
+    progress: bool = True,
 ) -> dict:
-    from multispin_eval.compare import EVAL_SEED_START, compare, to_markdown, write_outputs
-    from multispin_train.train import TrainConfig, train
+    from multispin_agents.tuned import load_tuned
+    from multispin_eval.compare import (
+        EVAL_SEED_START,
+        compare_with_scores,
+        to_markdown,
+        write_outputs,
+    )
+    from multispin_train.export import export_run
 
     spec = EXPERIMENTS[name]
-    run_dir = Path(run_root) / name
+    env_id = spec["env_id"]
     steps = timesteps or spec["timesteps"]
-    cfg = TrainConfig(
-        env_id=spec["env_id"],
-        algo=algo,
-        timesteps=steps,
-        seed=seed,
-        env_kwargs=dict(spec["env_kwargs"]),
-        run_dir=str(run_dir),
-        eval_freq=20_000,
-        eval_episodes=16,
-        name=f"learned ({algo})",
-    )
+    tuned_path = ensure_tuned(env_id, progress)
+    tuned = load_tuned(tuned_path)
+    base_policy = tuned.with_fast().name
+    run_root_p = Path(run_root) / name
+    t0 = time.perf_counter()
     if evaluate_only:
-        if not (run_dir / "best_model.zip").is_file():
-            raise ValueError(f"--evaluate-only needs a finished run in {run_dir}")
+        runs = {s: run_root_p / f"s{s}" for s in seeds}
+        missing = [str(r) for r in runs.values() if not (r / "best_model.zip").is_file()]
+        if missing:
+            raise ValueError(f"--evaluate-only needs finished runs; missing {missing}")
     else:
-        train(cfg)
-    config = json.loads((run_dir / "config.json").read_text())
-    reference = config["reference_hete_goodput"]
-    wall, step = time_to_target(run_dir / "eval_progress.csv", spec["target"] * reference)
-
-    seeds = list(range(EVAL_SEED_START, EVAL_SEED_START + eval_seeds))
-    # best_model.zip is chosen on the training-time eval seeds, disjoint from these
-    learned = f"learned ({algo})={run_dir / 'best_model.zip'}"
-    rows = compare(
-        spec["env_id"],
-        spec["policies"] + [learned],
-        seeds,
-        env_kwargs=spec["env_kwargs"],
-        progress=True,
-    )
+        runs = train_seeds(spec, base_policy, seeds, steps, run_root_p, jobs)
+    train_wall = time.perf_counter() - t0
+    held_out = list(range(EVAL_SEED_START, EVAL_SEED_START + eval_seeds))
+    learned = [f"learned s{s}={runs[s] / 'best_model.zip'}" for s in seeds]
+    policies = spec["policies"] + [f"tuned={tuned.name}"] + learned
+    rows, scores = compare_with_scores(env_id, policies, held_out, progress=progress)
     out = Path(out_root) / name
-    title = f"{name}: {spec['env_id']}, {eval_seeds} held-out episodes"
+    title = f"{name}: {env_id}, {eval_seeds} held-out episodes, {len(seeds)} training seeds"
     write_outputs(rows, out, title)
-    plot_learning_curve(
-        run_dir / "eval_progress.csv", reference, spec["target"], out / "learning_curve.png", title
+    reference = spec["target_of"]
+    ratios = np.stack([scores[f"learned s{s}"] / scores[reference] for s in seeds])
+    stats = seed_statistics(ratios)
+    vs_hete = seed_statistics(np.stack([scores[f"learned s{s}"] / scores["hete"] for s in seeds]))
+    vs_tuned = seed_statistics(np.stack([scores[f"learned s{s}"] / scores["tuned"] for s in seeds]))
+    configs = {s: json.loads((runs[s] / "config.json").read_text()) for s in seeds}
+    first = configs[seeds[0]]
+    plot_learning_curves(
+        runs,
+        first["reference_hete_goodput"],
+        first.get("reference_base_goodput"),
+        out / "learning_curves.png",
+        title,
     )
-    learned_row = next(r for r in rows if r["policy"].startswith("learned"))
-    baselines = [
-        r for r in rows if not r["policy"].startswith("learned") and "oracle" not in r["policy"]
-    ]
+    bundles = {}
+    for s in seeds:
+        bundle = export_run(runs[s], out / f"bundle_s{s}", parity_samples=64)
+        bundles[s] = str(bundle)
+    with (out / "seeds.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "vs_tuned", "vs_tuned_ci95", "vs_hete", "vs_hete_ci95", "train_s"])
+        for i, s in enumerate(seeds):
+            w.writerow(
+                [s, f"{vs_tuned['per_seed_mean'][i]:.4f}", f"{vs_tuned['per_seed_ci95'][i]:.4f}",
+                 f"{vs_hete['per_seed_mean'][i]:.4f}", f"{vs_hete['per_seed_ci95'][i]:.4f}",
+                 configs[s].get("train_time_s")]
+            )  # fmt: skip
+    tuned_row = next(r for r in rows if r["policy"] == "tuned")
     summary = {
         "experiment": name,
         "question": spec["question"],
-        "command": f"multispin experiment {name} --seed {seed}"
+        "command": f"multispin experiment {name} --seeds {' '.join(map(str, seeds))}"
         + (f" --timesteps {timesteps}" if timesteps else ""),
-        "env_id": spec["env_id"],
-        "env_kwargs": spec["env_kwargs"],
+        "env_id": env_id,
+        "tuned_heuristic": tuned.to_dict(),
+        "tuned_heuristic_file": str(tuned_path),
+        "base_policy": base_policy,
+        "tuned_vs_hete": tuned_row["vs_hete"],
+        "tuned_vs_hete_ci95": tuned_row["vs_hete_ci95"],
         "train_timesteps": steps,
-        "train_time_s": config["train_time_s"],
-        "reference_hete_goodput_eval_seeds": reference,
-        "time_to_target_s": wall,
-        "steps_to_target": step,
-        "learned_vs_hete": learned_row["vs_hete"],
-        "learned_vs_hete_ci95": learned_row["vs_hete_ci95"],
-        "target_met": learned_row["vs_hete"] >= spec["target"],
-        "beats_every_deployable_baseline": all(
-            learned_row["goodput"] > r["goodput"] for r in baselines
-        ),
+        "train_seeds": seeds,
+        "train_time_s": {s: configs[s].get("train_time_s") for s in seeds},
+        "train_wall_s": round(train_wall, 1),
+        "target": f">= {spec['target']} x {reference} (IQM over seeds)",
+        "learned_vs_target_reference": stats,
+        "learned_vs_hete": vs_hete,
+        "learned_vs_tuned": vs_tuned,
+        "target_met": stats["iqm"] >= spec["target"],
+        "held_out_seeds": [held_out[0], held_out[-1]],
+        "bundles": bundles,
         "table": rows,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(title)
     print(to_markdown(rows))
     print(
-        f"training {config['train_time_s']:.0f} s; reached {spec['target']:g} x Hete after "
-        f"{'never' if wall is None else f'{wall:.0f} s ({step} steps)'}; "
-        f"learned / Hete on held-out seeds = {learned_row['vs_hete']:.3f} "
-        f"± {learned_row['vs_hete_ci95']:.3f}"
+        f"learned / {reference}: IQM {stats['iqm']:.3f} [{stats['iqm_ci95'][0]:.3f}, "
+        f"{stats['iqm_ci95'][1]:.3f}] over {len(seeds)} seeds, P(improvement) "
+        f"{stats['probability_of_improvement']:.2f}, worst seed {stats['worst_seed_mean']:.3f}; "
+        f"target {'met' if summary['target_met'] else 'NOT met'}"
     )
     return summary
 
@@ -172,22 +265,28 @@ def run_experiment(
 def main(argv=None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     p = argparse.ArgumentParser(prog="multispin experiment", description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=sorted(EXPERIMENTS))
-    p.add_argument("--timesteps", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seeds", type=int, default=32)
-    p.add_argument("--algo", default="ppo", choices=["ppo", "a2c", "sac", "td3"])
-    p.add_argument("--out", default="results/experiments")
-    p.add_argument("--runs", default="runs/experiments")
+    p.add_argument("name", choices=sorted(EXPERIMENTS), help="which headline experiment")
+    p.add_argument("--timesteps", type=int, help="env steps per training seed (default: per name)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (>= 5)"
+    )
+    p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    p.add_argument("--eval-seeds", type=int, default=32, help="held-out episodes")
+    p.add_argument("--out", default="results/experiments", help="results folder")
+    p.add_argument("--runs", default="runs/experiments", help="training runs folder")
     p.add_argument(
         "--evaluate-only",
         action="store_true",
-        help="skip training; re-evaluate the run already in --runs/<name>",
+        help="skip training; re-evaluate the runs already in --runs/<name>/s<seed>",
     )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
     a = p.parse_args(argv)
+    if a.jobs < 1 or a.eval_seeds < 2:
+        p.error("--jobs must be >= 1 and --eval-seeds >= 2")
     return run_experiment(
-        a.name, a.timesteps, a.seed, a.eval_seeds, a.out, a.runs, a.algo, a.evaluate_only
-    )
+        a.name, a.timesteps, a.seeds, a.eval_seeds, a.out, a.runs, a.jobs, a.evaluate_only,
+        a.progress,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class TrainConfig:
 
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds never overlap training seeds
+RESIDUAL_LOG_STD_INIT = -2.0  # std 0.14: about one token of exploration around the base
+RESIDUAL_LEARNING_RATE = 3e-4
 DEFAULT_ENV_ID = "multispin/PaperLlama2-v0"
 ON_POLICY = ("ppo", "a2c")
 
@@ -256,19 +258,25 @@ def train(cfg: TrainConfig) -> Path:
         RatePriceCallback,
         eval_from_start_callback_class,
     )
-    from multispin_train.hyperparams import load_hyperparams, split_hyperparams
+    from multispin_train.hyperparams import linear_schedule, load_hyperparams, split_hyperparams
 
     cfg = resolve_config(cfg)
     torch.set_num_threads(cfg.torch_threads)
     raw = load_hyperparams(cfg.algo, cfg.env_id, cfg.hyperparams_file, cfg.hyperparams)
     zoo, algo_kwargs = split_hyperparams(raw)
     if cfg.env_kwargs.get("action_mode") == "residual" and "PerUser" in str(zoo.get("policy")):
-        # start exactly at the base heuristic: zero mean correction, no length bias
+        # fine-tuning, not learning from scratch: start exactly at the base heuristic (zero
+        # mean correction), explore about one token around it, and take smaller steps
+        given = set(cfg.hyperparams)
         algo_kwargs["policy_kwargs"] = {
             **algo_kwargs.get("policy_kwargs", {}),
             "zero_init": True,
             "action_bias": 0.0,
         }
+        if "policy_kwargs" not in given:
+            algo_kwargs["policy_kwargs"]["log_std_init"] = RESIDUAL_LOG_STD_INIT
+        if "learning_rate" not in given:
+            algo_kwargs["learning_rate"] = linear_schedule(RESIDUAL_LEARNING_RATE)
     n_envs = int(cfg.n_envs or zoo.get("n_envs", 8))
     timesteps = int(cfg.timesteps or zoo.get("n_timesteps", 1e6))
     normalize = zoo.get("normalize", False)
@@ -323,14 +331,28 @@ def train(cfg: TrainConfig) -> Path:
             env_kwargs=cfg.env_kwargs,
         )
         reference = float(ref.goodput.mean())
-    callbacks = [GoodputCallback(reference_goodput=reference)]
+    base_reference = None
     scenario, env_options = scenario_for(cfg.env_id, cfg.env_kwargs)
+    base_policy = EnvOptions.build(scenario, **env_options).base_policy
+    if base_policy is not None:  # the heuristic a residual policy starts from
+        from multispin_agents.tuned import TunedHeuristic
+
+        base = run_episodes(
+            SolverController(TunedHeuristic.parse(base_policy)),
+            cfg.env_id,
+            eval_seeds,
+            env_kwargs=cfg.env_kwargs,
+        )
+        base_reference = float(base.goodput.mean())
+    callbacks = [GoodputCallback(reference_goodput=reference)]
     num_users = scenario.num_users
     # eval return (tokens per user inside the horizon) -> goodput in tokens/s
     scale = num_users / EnvOptions.build(scenario, **env_options).horizon_s
     initial_rate = None
-    if cfg.rate_reward:  # rho resumes from the checkpoint, else starts at the reference
-        initial_rate = _saved_rate(cfg) or reference
+    if cfg.rate_reward:
+        # rho resumes from the checkpoint, else starts at the goodput the policy starts from:
+        # the base heuristic's for residual actions (a lower rho would reward long rounds)
+        initial_rate = _saved_rate(cfg) or base_reference or reference
         callbacks.append(RatePriceCallback(initial_rate=initial_rate, num_users=num_users))
     if cfg.eval_freq > 0:
         eval_env = build_vec_env(cfg, cfg.eval_episodes, eval_seeds[0], normalize, training=False)
@@ -360,6 +382,7 @@ def train(cfg: TrainConfig) -> Path:
         "timesteps": timesteps,
         "hyperparams_resolved": raw,
         "reference_hete_goodput": reference,
+        "reference_base_goodput": base_reference,
         "initial_rate_price_tokens_per_s": initial_rate,
         "eval_seeds": eval_seeds,
         "versions": _library_versions(),

@@ -88,12 +88,15 @@ class BundleScheduler:
         action = self.bundle.act(obs)
         if self.base is not None and base is None:
             base = self.base_allocation(view)
+        base_fields = ()
+        if base is not None:
+            base_fields = (*base, lambda lengths: self.base.bandwidth_for(view, lengths))
         ctx = DecisionContext(
             view.spectral_eff_est,
             view.t_draft_s,
             view.payload_bits,
             view.bandwidth_hz,
-            *(base if base is not None else (None, None)),
+            *base_fields,
         )
         return self.codec.decode(action, ctx)
 
