@@ -112,13 +112,21 @@ class RatePriceCallback(BaseCallback):
     (SAC/TD3 end a "rollout" every ``train_freq`` steps), so ``multispin train`` refuses that
     combination. The current rho is kept in the model's ``multispin_run`` attribute, so
     every checkpoint carries it.
+
+    With ``track=False`` rho stays at ``initial_rate``: one Dinkelbach step from a known
+    policy's goodput (any policy that scores above zero on tokens - rho * time beats it). That
+    is what residual training over a base heuristic uses: tracking the noisy goodput of the
+    exploring policy pushed rho around and the deterministic policy with it.
     """
 
-    def __init__(self, initial_rate: float, num_users: int, smoothing: float = 0.2) -> None:
+    def __init__(
+        self, initial_rate: float, num_users: int, smoothing: float = 0.2, track: bool = True
+    ) -> None:
         super().__init__()
         if not (np.isfinite(initial_rate) and initial_rate > 0):
             raise ValueError(f"initial_rate={initial_rate!r} must be a finite number > 0")
         self.rate, self.num_users, self.smoothing = float(initial_rate), num_users, smoothing
+        self.track = track
         self._tokens = 0.0
         self._time = 0.0
 
@@ -149,7 +157,7 @@ class RatePriceCallback(BaseCallback):
         return True
 
     def _on_rollout_end(self) -> None:
-        if self._time > 0:
+        if self._time > 0 and self.track:
             measured = self._tokens / self._time
             self.rate = (1 - self.smoothing) * self.rate + self.smoothing * measured
             self.logger.record("goodput/rate_price_tokens_per_s", self.rate)

@@ -337,10 +337,11 @@ def train(cfg: TrainConfig) -> Path:
     if base_policy is not None:  # the heuristic a residual policy starts from
         from multispin_agents.tuned import TunedHeuristic
 
-        base = run_episodes(
+        base_seeds = range(cfg.seed + EVAL_SEED_OFFSET, cfg.seed + EVAL_SEED_OFFSET + 32)
+        base = run_episodes(  # 32 episodes: rho is priced from this
             SolverController(TunedHeuristic.parse(base_policy)),
             cfg.env_id,
-            eval_seeds,
+            base_seeds,
             env_kwargs=cfg.env_kwargs,
         )
         base_reference = float(base.goodput.mean())
@@ -353,7 +354,13 @@ def train(cfg: TrainConfig) -> Path:
         # rho resumes from the checkpoint, else starts at the goodput the policy starts from:
         # the base heuristic's for residual actions (a lower rho would reward long rounds)
         initial_rate = _saved_rate(cfg) or base_reference or reference
-        callbacks.append(RatePriceCallback(initial_rate=initial_rate, num_users=num_users))
+        callbacks.append(
+            RatePriceCallback(
+                initial_rate=initial_rate,
+                num_users=num_users,
+                track=base_reference is None,  # residual: one Dinkelbach step from the base
+            )
+        )
     if cfg.eval_freq > 0:
         eval_env = build_vec_env(cfg, cfg.eval_episodes, eval_seeds[0], normalize, training=False)
         callbacks.append(

@@ -3,11 +3,13 @@
     multispin tune --env multispin/RealisticLlama2-v0 --trials 60 --seeds 12
 
 Searches the knobs of :class:`multispin_agents.tuned.TunedHeuristic` (scheme, acceptance
-source, length cap, CSI margin, equal-share mix) with Optuna's TPE sampler (seeded, so a
-rerun gives the same study), scoring each candidate by its mean episode goodput on *tuning
-seeds* (3,000,000 + i): disjoint from training (0 + i), model selection (1,000,000 + i) and
-held-out evaluation (2,000,000 + i). The paper's schemes at their defaults are enqueued as
-the first trials, so the result is never below untuned Hete or Homo on the tuning seeds.
+source, length cap, CSI margin, equal-share mix; Hete's fast solver unless --full-solver, so
+the result can also serve as the exact starting point of a residual policy) with Optuna's
+TPE sampler (seeded, so a rerun gives the same study). Each candidate is scored by its mean
+episode goodput on *tuning seeds* (3,000,000 + i), disjoint from training (0 + i), model
+selection (1,000,000 + i) and held-out evaluation (2,000,000 + i). The paper's schemes at
+their defaults are enqueued as the first trials, so the result is never below untuned Hete
+or Homo (fast solver) on the tuning seeds.
 
 Writes ``results/tuned/<env>.json``: the best knobs, their score, the score of plain Hete on
 the same seeds, the budget, and every trial. ``multispin evaluate --policies tuned`` (and
@@ -41,6 +43,7 @@ def tune(
     env_kwargs: dict | None = None,
     schemes: tuple[str, ...] = ("homo", "hete"),
     progress: bool = True,
+    fast: bool = True,
 ) -> dict:
     """Run the search; returns the result dict that :func:`main` writes."""
     import optuna
@@ -65,6 +68,7 @@ def tune(
 
     def objective(trial) -> float:
         heuristic = TunedHeuristic(
+            fast=fast,
             scheme=trial.suggest_categorical("scheme", list(schemes)),
             alpha_source=trial.suggest_categorical("alpha_source", list(SOURCES)),
             length_cap=trial.suggest_int("length_cap", 1, l_max),
@@ -82,7 +86,7 @@ def tune(
 
     study.optimize(objective, n_trials=trials, callbacks=[tick])
     bar.close()
-    best = TunedHeuristic(**study.best_params)
+    best = TunedHeuristic(**study.best_params, fast=fast)
     hete = score(TunedHeuristic("hete", length_cap=l_max), env_id, seeds, env_kwargs)
     rows = [
         {"number": t.number, "goodput": t.value, **t.params}
@@ -122,13 +126,20 @@ def main(argv=None) -> dict:
         "--env-kwargs", nargs="*", default=[], metavar="KEY:VALUE", help="scenario overrides"
     )
     p.add_argument("--out", default=None, help="result file (default results/tuned/<env>.json)")
+    p.add_argument(
+        "--full-solver",
+        dest="fast",
+        action="store_false",
+        help="Hete's full grid and polish (default: the fast variant, cheap enough to serve "
+        "as the base of residual policies at every env step)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no bar")
     a = p.parse_args(argv)
     if a.trials < len(a.schemes) or a.seeds < 1:
         p.error(f"--trials must be >= {len(a.schemes)} (one per scheme) and --seeds >= 1")
     result = tune(
         a.env, a.trials, a.seeds, a.seed, parse_cli_kwargs(a.env_kwargs), tuple(a.schemes),
-        a.progress,
+        a.progress, a.fast,
     )  # fmt: skip
     out = Path(a.out) if a.out else default_tuned_path(a.env)
     out.parent.mkdir(parents=True, exist_ok=True)
