@@ -151,3 +151,34 @@ def test_zero_initialised_per_user_policy_starts_at_the_base():
     with torch.no_grad():
         action, _ = policy.predict(obs, deterministic=True)
     np.testing.assert_array_equal(action, np.zeros_like(action))
+
+
+def test_untrained_residual_policy_scores_as_its_base_in_every_evaluation(tmp_path):
+    """Default training (residual over a base): with a zero learning rate the policy stays the
+    base, and every evaluation sees the same episodes, so every score equals the base's own
+    goodput on those seeds (SB3's EvalCallback alone would draw new episodes each time)."""
+    import csv
+
+    from multispin_train.train import EVAL_SEED_OFFSET
+    from multispin_train.train import main as train_main
+
+    run = tmp_path / "run"
+    train_main(
+        ["--env", "multispin/PaperLlama2-v0", "--env-kwargs", "num_users:4", "horizon_s:3.0",
+         "base_policy:tuned[homo,cap=6]", "action_mode:residual", "--timesteps", "256",
+         "--n-envs", "2", "--eval-freq", "64", "--eval-episodes", "3", "--checkpoint-freq",
+         "0", "--no-progress", "--params", "n_steps:64", "batch_size:64", "n_epochs:1",
+         "learning_rate:0.0", "--run-dir", str(run)]
+    )  # fmt: skip
+    with (run / "eval_progress.csv").open() as f:
+        scores = [float(r["eval_goodput_tokens_per_s"]) for r in csv.DictReader(f)]
+    assert len(scores) >= 3 and int(
+        next(csv.reader(open(run / "eval_progress.csv")))[0] == "timesteps"
+    )
+    base = run_episodes(
+        SolverController(TunedHeuristic.parse("tuned[homo,cap=6]", 25)),
+        "multispin/PaperLlama2-v0",
+        range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + 3),
+        env_kwargs={"num_users": 4, "horizon_s": 3.0},
+    )
+    np.testing.assert_allclose(scores, base.goodput.mean(), rtol=1e-3)

@@ -166,15 +166,30 @@ class RatePriceCallback(BaseCallback):
 
 
 def eval_from_start_callback_class():
-    """EvalCallback that also evaluates the policy before any training step.
+    """EvalCallback that evaluates every policy on the *same* episodes, including the policy
+    before any training step.
 
-    Model selection (``best_model.zip``) then includes the initial policy: with ``residual``
-    actions and a zero-initialised actor that is the base heuristic itself, so the selected
-    policy is never worse than the heuristic it started from on the evaluation seeds.
+    SB3's EvalCallback continues the eval env's random stream, so each evaluation sees new
+    episodes; in a scenario whose episodes differ a lot (hidden acceptance, churn, fading) the
+    best score then mostly picks the luckiest draw. Here the eval env is re-seeded with
+    ``eval_seed`` before each evaluation (common random numbers), and model selection
+    (``best_model.zip``) includes the initial policy: with ``residual`` actions and a
+    zero-initialised actor that is the base heuristic itself, so the selected policy is never
+    worse than the heuristic it started from on the evaluation episodes.
     """
     from stable_baselines3.common.callbacks import EvalCallback
 
     class EvalFromStartCallback(EvalCallback):
+        def __init__(self, *args, eval_seed: int | None = None, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.eval_seed = eval_seed
+
+        def _on_step(self) -> bool:
+            if self.eval_freq > 0 and self.n_calls % self.eval_freq == 0:
+                if self.eval_seed is not None:
+                    self.eval_env.seed(self.eval_seed)  # the same episodes every time
+            return super()._on_step()
+
         def _on_training_start(self) -> None:
             super()._on_training_start()
             if self.eval_freq > 0 and self.num_timesteps == 0:

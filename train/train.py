@@ -41,14 +41,16 @@ class TrainConfig:
     algo: str | None = None
     """ppo, a2c, sac or td3; default ppo, or the checkpoint's with ``resume``."""
     timesteps: int | None = None
-    """Environment steps to train for (default: the hyperparameter file's n_timesteps)."""
+    """Environment steps to train for (default: 100,000 for residual actions, else the
+    hyperparameter file's n_timesteps)."""
     seed: int = 0
     """Seeds the policy, the training envs (seed..seed+n_envs-1) and SB3."""
     n_envs: int | None = None
     """Parallel envs, stepped natively batched (default: the hyperparameter file's n_envs)."""
     env_kwargs: dict = field(default_factory=dict)
     """Env options / scenario overrides, e.g. {"action_mode": "lengths"}. With ``resume``,
-    the checkpoint's are used; these may only repeat them."""
+    the checkpoint's are used; these may only repeat them. Without ``action_mode`` and
+    ``base_policy``: residual actions over the scenario's tuned heuristic (or Hete)."""
     hyperparams_file: str | None = None
     """rl-zoo3-format YAML (default: multispin_train/hyperparams/<algo>.yml)."""
     hyperparams: dict = field(default_factory=dict)
@@ -82,6 +84,7 @@ class TrainConfig:
 EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds never overlap training seeds
 RESIDUAL_LOG_STD_INIT = -2.0  # std 0.14: about one token of exploration around the base
 RESIDUAL_LEARNING_RATE = 3e-4
+RESIDUAL_TIMESTEPS = 100_000  # default budget of residual runs: fine-tuning, not learning
 DEFAULT_ENV_ID = "multispin/PaperLlama2-v0"
 ON_POLICY = ("ppo", "a2c")
 
@@ -161,6 +164,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         cfg.algo = cfg.algo or meta.get("algo")
     cfg.env_id = cfg.env_id or DEFAULT_ENV_ID
     cfg.algo = cfg.algo or "ppo"
+    if not cfg.resume and not {"action_mode", "base_policy"} & set(cfg.env_kwargs):
+        # the default: learn corrections to the best heuristic there is, never from scratch
+        cfg.env_kwargs["action_mode"] = "residual"
+        cfg.env_kwargs["base_policy"] = default_base_policy(cfg.env_id)
+    if cfg.timesteps is None and cfg.env_kwargs.get("action_mode") == "residual":
+        cfg.timesteps = RESIDUAL_TIMESTEPS
     if cfg.algo not in ALGOS:
         raise ValueError(f"algo={cfg.algo!r}; choose one of {ALGOS}")
     if cfg.rate_reward is None:
@@ -190,6 +199,16 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     build_episodes(scenario, {**kwargs, **cfg.env_kwargs}, num_envs=1)
     split_hyperparams(load_hyperparams(cfg.algo, cfg.env_id, cfg.hyperparams_file, cfg.hyperparams))
     return cfg
+
+
+def default_base_policy(env_id: str) -> str:
+    """The base a default run corrects: the scenario's tuned heuristic where ``multispin tune``
+    has made one (``results/tuned/<env>.json``; its knobs, not the path, go into the run's
+    config), else the paper's Hete with the fast solver."""
+    from multispin_agents.tuned import default_tuned_path, load_tuned
+
+    path = default_tuned_path(env_id)
+    return load_tuned(path).with_fast().name if path.is_file() else "tuned[hete,fast]"
 
 
 def _saved_rate(cfg: TrainConfig) -> float | None:
@@ -373,6 +392,7 @@ def train(cfg: TrainConfig) -> Path:
                 deterministic=True,
                 verbose=0,
                 callback_after_eval=EvalProgressLogger(run_dir / "eval_progress.csv", scale),
+                eval_seed=eval_seeds[0],
             )
         )
     if cfg.checkpoint_freq > 0:
@@ -438,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timesteps",
         type=int,
-        help="env steps to train for (default: the hyperparameter file's n_timesteps)",
+        help="env steps to train for (default: 100000 with residual actions, else the "
+        "hyperparameter file's n_timesteps)",
     )
     p.add_argument(
         "--seed",
@@ -458,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY:VALUE",
         help="env options and scenario overrides, e.g. action_mode:lengths num_users:8 "
-        "observe_true_alpha:false (values are Python literals; true/false are booleans)",
+        "observe_true_alpha:false (values are Python literals; true/false are booleans). "
+        "Without action_mode and base_policy: action_mode:residual over the scenario's tuned "
+        "heuristic (results/tuned/<env>.json) or Hete",
     )
     p.add_argument(
         "--hyperparams-file",

@@ -73,8 +73,8 @@ def tune(
             alpha_source=trial.suggest_categorical("alpha_source", list(SOURCES)),
             length_cap=trial.suggest_int("length_cap", 1, l_max),
             # on a 0.01 grid: short, exact names (the name is also the spec)
-            csi_margin=trial.suggest_float("csi_margin", 0.3, 1.0, step=0.01),
-            equal_mix=trial.suggest_float("equal_mix", 0.0, 0.6, step=0.01),
+            csi_margin=round(trial.suggest_float("csi_margin", 0.3, 1.0, step=0.01), 2),
+            equal_mix=round(trial.suggest_float("equal_mix", 0.0, 0.6, step=0.01), 2),
         )
         return float(score(heuristic, env_id, seeds, env_kwargs).mean())
 
@@ -86,7 +86,10 @@ def tune(
 
     study.optimize(objective, n_trials=trials, callbacks=[tick])
     bar.close()
-    best = TunedHeuristic(**study.best_params, fast=fast)
+    params = dict(study.best_params)
+    for key in ("csi_margin", "equal_mix"):  # the 0.01 grid, without float residue
+        params[key] = round(params[key], 2)
+    best = TunedHeuristic(**params, fast=fast)
     hete = score(TunedHeuristic("hete", length_cap=l_max), env_id, seeds, env_kwargs)
     rows = [
         {"number": t.number, "goodput": t.value, **t.params}

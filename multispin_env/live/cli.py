@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler",
         default="hete",
-        help="fixed, uni_bw, homo, hete, or bundle:FOLDER (an exported policy)",
+        help="fixed, uni_bw, homo, hete, a tuned heuristic (tuned[hete,cap=6,...] or "
+        "tuned:PATH from multispin tune), or bundle:FOLDER (an exported policy)",
     )
     p.add_argument("--rounds", type=_at_least(1), default=30, help="rounds to play")
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")

@@ -106,6 +106,13 @@ def make_scheduler(name: str):
     or ``bundle:FOLDER`` for an exported policy."""
     if name.startswith("bundle:"):
         return BundleScheduler(name[len("bundle:") :])
+    if name.startswith(("tuned[", "tuned:")):  # a tuned heuristic (multispin tune)
+        from multispin_agents.tuned import TunedHeuristic
+
+        return TunedHeuristic.parse(name)
     if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name!r}; choose one of {SCHEDULERS} or bundle:FOLDER")
+        raise ValueError(
+            f"scheduler {name!r}; choose one of {SCHEDULERS}, tuned[...], tuned:PATH or "
+            "bundle:FOLDER"
+        )
     return SolverPolicy(name, alpha_source="history" if name != "fixed" else "prior")
