@@ -83,7 +83,7 @@ class TrainConfig:
 
 EVAL_SEED_OFFSET = 1_000_000  # evaluation seeds never overlap training seeds
 RESIDUAL_LOG_STD_INIT = -2.0  # std 0.14: about one token of exploration around the base
-RESIDUAL_LEARNING_RATE = 3e-4
+RESIDUAL_LEARNING_RATE = 1e-3
 RESIDUAL_TIMESTEPS = 100_000  # default budget of residual runs: fine-tuning, not learning
 DEFAULT_ENV_ID = "multispin/PaperLlama2-v0"
 ON_POLICY = ("ppo", "a2c")
