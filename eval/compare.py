@@ -74,16 +74,10 @@ def make_controller(spec: str, env_id: str | None = None):
     return ctrl
 
 
-def compare(
-    env_id: str,
-    specs: list[str],
-    seeds: list[int],
-    env_kwargs: dict | None = None,
-    horizon_s: float | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    """Rows of summary metrics, one per policy, plus ``vs_hete`` (goodput ratio)."""
-    return compare_with_scores(env_id, specs, seeds, env_kwargs, horizon_s, progress)[0]
+def compare(*args, **kwargs) -> list[dict]:
+    """Rows of summary metrics, one per policy, plus ``vs_hete`` (goodput ratio); arguments
+    as for :func:`compare_with_scores`."""
+    return compare_with_scores(*args, **kwargs)[0]
 
 
 def compare_with_scores(

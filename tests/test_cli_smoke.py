@@ -46,15 +46,19 @@ def test_end_to_end_smoke(tmp_path, capsys):
             str(tmp_path / "run"),
             "--out",
             str(tmp_path / "out"),
+            "--tune-trials",
+            "3",
             "--quiet",
         ]
     )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["policy"] for r in summary["rows"]] == [
         "learned (PPO, exported)",
+        "tuned heuristic",
         "Hete-Multi-SPIN",
         "Fixed BW&L",
     ]
+    assert summary["learned_vs_tuned_live"] > 0
     assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
     assert "sim vs live" in capsys.readouterr().out
