@@ -8,7 +8,9 @@ acceptance source in brackets (``hete[history]``: the server's EWMA estimate;
 ``hete[oracle]``: the hidden true rate; ``hete[oracle,csi]``: true rate and true channel;
 both are upper bounds that cannot be deployed), or a
 training run directory (its ``model.zip``) or a model file inside one
-(``runs/x/best_model.zip``); ``label=path`` names it. Writes ``compare.csv``, ``compare.md``
+(``runs/x/best_model.zip``), an exported bundle folder (``policy.onnx`` + ``policy.json``),
+or a tuned heuristic (``tuned``: ``results/tuned/<env>.json``; ``tuned[hete,cap=6,...]``;
+``tuned:PATH``); ``label=path`` names it. Writes ``compare.csv``, ``compare.md``
 and ``compare.png`` to ``--out``; goodput is normalised to Hete-Multi-SPIN fed with the
 offline task means and the last CSI (the paper's controller as deployed).
 """
@@ -26,7 +28,12 @@ from tqdm import tqdm
 
 from multispin_agents.policies import SolverPolicy
 from multispin_env.episodes import split_kwargs
-from multispin_eval.harness import LearnedController, SolverController, run_episodes
+from multispin_eval.harness import (
+    BundleController,
+    LearnedController,
+    SolverController,
+    run_episodes,
+)
 from multispin_eval.stats import ci95_halfwidth
 
 EVAL_SEED_START = 2_000_000  # disjoint from training (seed + 0..) and its eval (seed + 1e6)
@@ -59,6 +66,8 @@ def make_controller(spec: str, env_id: str | None = None):
         ctrl = SolverController(
             SolverPolicy(match.group(1), match.group(2) or "prior", oracle_csi=bool(match.group(3)))
         )
+    elif Path(target).is_dir() and (Path(target) / "policy.json").is_file():
+        ctrl = BundleController(target)  # an exported bundle (ONNX + sidecar)
     elif Path(target).is_dir():
         ctrl = LearnedController(target)
     elif target.endswith(".zip") and Path(target).is_file():  # a checkpoint inside a run dir
@@ -66,8 +75,8 @@ def make_controller(spec: str, env_id: str | None = None):
     else:
         raise ValueError(
             f"policy {target!r} is neither a scheme (fixed, uni_bw, homo, hete, optionally "
-            "with [prior|history|oracle]), a tuned heuristic (tuned, tuned[...], tuned:PATH) "
-            "nor a training run directory"
+            "with [prior|history|oracle]), a tuned heuristic (tuned, tuned[...], tuned:PATH), "
+            "a training run directory nor an exported bundle folder"
         )
     if label:
         ctrl.name = label
@@ -92,7 +101,7 @@ def compare_with_scores(
     controllers = [make_controller(s, env_id) for s in specs]
     options, scenario = split_kwargs(dict(env_kwargs or {}))
     for ctrl in controllers:
-        if isinstance(ctrl, LearnedController):
+        if isinstance(ctrl, (LearnedController, BundleController)):
             trained_options, trained_on = split_kwargs(ctrl.env_kwargs)
             for key in POLICY_LAYOUT_OPTIONS:
                 if key in options and options[key] != trained_options.get(key, options[key]):

@@ -110,6 +110,7 @@ class BundleController:
         from multispin_agents.bundle import PolicyBundle
 
         self.bundle = PolicyBundle(folder)
+        self.env_id = self.bundle.meta["env_id"]
         self.env_kwargs = dict(self.bundle.meta.get("env_kwargs", {}))
         self.name = f"bundle:{Path(folder).name}"
         self._checked = False

@@ -125,3 +125,22 @@ def test_bundle_deployed_as_live_scheduler(runs, tmp_path, tiny_pair_factory, na
         assert sum(u["bandwidth_hz"] for u in rec.users) == pytest.approx(10e6)
     with pytest.raises(ValueError, match="bundle:FOLDER"):
         make_scheduler("greedy-magic")
+
+
+def test_evaluate_takes_an_exported_bundle_and_matches_its_run(runs, tmp_path):
+    """A committed bundle is evaluated like its training run: same goodput on the same seeds
+    (the ONNX graph is the SB3 actor to 1e-5), and a bundle from another scenario is refused."""
+    from multispin_eval.compare import compare
+
+    bundle = export_run(runs["residual"], tmp_path / "b", parity_samples=16)
+    rows = compare(
+        "multispin/PaperLlama2-v0",
+        [f"bundle={bundle}", f"run={runs['residual'] / 'model.zip'}", "homo"],
+        list(range(5)),
+        env_kwargs={"num_users": 4},
+        progress=False,
+    )
+    by = {r["policy"]: r for r in rows}
+    assert by["bundle"]["goodput"] == pytest.approx(by["run"]["goodput"], rel=1e-6)
+    with pytest.raises(ValueError, match="trained on"):
+        compare("multispin/RealisticLlama2-v0", [str(bundle)], [0], progress=False)
