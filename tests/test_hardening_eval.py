@@ -140,7 +140,7 @@ def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
         curve = Path({str(tmp_path)!r}) / "eval_progress.csv"
         curve.write_text("timesteps,wall_s,eval_goodput_tokens_per_s\\n0,0,10\\n64,60,20\\n")
         out = Path({str(tmp_path)!r}) / "c.png"
-        plot_learning_curves({{0: curve.parent}}, 20.0, 18.0, out, "t")
+        plot_learning_curves({{0: curve.parent}}, out, "t")
         print(before, matplotlib.get_backend())
         """
     )

@@ -59,7 +59,7 @@ class TrainConfig:
     """Output folder (default: runs/<env>_<algo>_s<seed>_<time>)."""
     eval_freq: int = 20_000
     """Evaluate every this many env steps (EvalCallback; 0 disables)."""
-    eval_episodes: int = 8
+    eval_episodes: int = 16
     """Episodes per evaluation, on seeds disjoint from training."""
     checkpoint_freq: int = 100_000
     """Save a checkpoint (model + VecNormalize) every this many env steps (0 disables)."""
