@@ -69,11 +69,39 @@ def test_a_device_that_dies_fails_the_run_at_once_with_its_log(tmp_path):
     assert "missing" in str(exc.value)  # the device's own message, from its log
 
 
+def _squat(port: int) -> dict:
+    """Say hello as the CLI's first device would, without the run's token."""
+    import socket
+    import struct
+
+    import msgpack
+
+    from multispin_env.live import protocol as proto
+
+    msg = {"v": proto.PROTOCOL_VERSION, "type": "hello", "device_id": "dev-0", "prompt": [1],
+           "speed_factor": 1.0, "mean_gain": 0.3}  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        body = msgpack.packb(msg)
+        sock.sendall(struct.pack(">I", len(body)) + body)
+        size = struct.unpack(">I", sock.recv(4))[0]
+        data = b""
+        while len(data) < size:
+            data += sock.recv(size - len(data))
+    return msgpack.unpackb(data)
+
+
 def test_ctrl_c_writes_the_summary_and_outputs_of_the_rounds_played(tmp_path):
+    """Also: a local process without the run's token can neither join nor take a device's
+    name (the CLI makes a token for its own devices when none is given)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     trace = tmp_path / "live" / "trace.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "multispin_env.cli", "live", "--users", "2", "--rounds",
-         "100000", "--max-draft-length", "2", "--trace", str(trace)],
+         "100000", "--max-draft-length", "2", "--trace", str(trace), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
@@ -84,6 +112,8 @@ def test_ctrl_c_writes_the_summary_and_outputs_of_the_rounds_played(tmp_path):
                 break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
+        reply = _squat(port)
+        assert reply["type"] == "error" and reply["code"] == "unauthorized"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:

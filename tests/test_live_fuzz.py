@@ -137,6 +137,13 @@ def _zero_mass_on_token():
     return v
 
 
+def _nested(depth: int):
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 # (name, message for round r requesting L tokens, expected error code)
 DRAFT_CASES = [
     ("token id past the vocabulary", lambda r, L: draft(r, [99999]), "bad_draft"),
@@ -204,7 +211,12 @@ HELLO_CASES = [
         "hijack: an existing id with a wrong secret",
         hello("dev-1", session="0" * 32),
         "session_taken",
-    ),  # noqa: E501
+    ),
+    ("a list as the message type", {"v": proto.PROTOCOL_VERSION, "type": []}, "bad_message"),
+    ("a map as the message type", {"v": proto.PROTOCOL_VERSION, "type": {"a": 1}}, "bad_message"),  # noqa: E501
+    ("a version nested 900 deep", {"v": _nested(900), "type": "hello"}, "bad_message"),
+    ("a 4050-character version", {"v": "x" * 4050, "type": "hello"}, "bad_message"),
+    ("a 3000-entry version", {"v": [None] * 3000, "type": "hello"}, "bad_message"),
 ]
 
 
@@ -340,6 +352,7 @@ def test_fuzz_live_server_with_real_devices(pair):
     assert len(report) >= 30
     for name, _, _, message in report:
         assert message or name.startswith("12 idle"), f"{name}: empty error message"
+        assert len(message) <= 500, f"{name}: error text echoes {len(message)} characters"
     # nothing lost, duplicated or injected: greedy output is the verifier's own continuation
     for device_id, prompt in (prompts | {"mallory": [5, 6]}).items():
         out = server.verifier.outputs[device_id]
@@ -551,3 +564,96 @@ def test_device_says_server_gone_when_the_server_dies_or_freezes(pair, tmp_path)
         server_proc.kill()
     assert device.returncode == 3, err
     assert "server gone" in err and "Traceback" not in err
+
+
+def test_a_client_that_stops_reading_cannot_stall_the_rounds(pair):
+    """A peer that floods bad frames and never reads fills its send buffer with error replies;
+    the server must drop it after send_timeout_s instead of waiting in drain() forever (the
+    round loop froze before), and its error log stays bounded."""
+    import socket
+
+    from multispin_env.live.device import DeviceConfig, run_device
+
+    drafter, verifier, _ = pair
+
+    async def scenario():
+        server = _server(verifier, send_timeout_s=0.5, round_timeout_s=2.0)
+        port = await server.start()
+        good = asyncio.create_task(
+            run_device(
+                DeviceConfig("good", [1, 2], port=port, greedy=True, kept_vocab=KEPT,
+                             time_scale=0.0),
+                drafter=drafter,
+            )
+        )  # fmt: skip
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await send_raw(writer, hello("flood"))
+        await next_of(reader, "welcome")
+        # stop reading: a small receive buffer that is never drained
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.transport.pause_reading()
+        bad = msgpack.packb({"v": "z" * 3990, "type": "draft"})
+        writer.transport.set_write_buffer_limits(high=1 << 30)
+        for _ in range(3000):
+            writer.write(struct.pack(">I", len(bad)) + bad)
+        await server.wait_for_users(2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for _ in range(6):  # (before the fix the first round froze in drain(): bound it)
+            await asyncio.wait_for(server.play_round(), 10.0)
+        assert loop.time() - t0 < 6 * 2.0 + 2.0  # no round waited on the flooder for long
+        assert "flood" not in {u.device_id for u in server.connected}
+        assert len(server.protocol_errors) <= 1000
+        assert server.verifier.outputs["good"]
+        writer.close()
+        await server.stop(grace_s=0.5)
+        await good
+
+    asyncio.run(scenario())
+
+
+def test_sampling_drafts_must_be_the_seeds_draws(pair):
+    """In sampling mode a device draws token i with draft_uniforms(sample_seed)[i] from its
+    uploaded PMF. A token with a tiny q(x) > 0 would pass the q > 0 check and be accepted
+    almost surely (min(1, p/q) ~ 1): it is refused unless it is the seed's draw. Honest
+    devices (run_device) draft exactly those tokens and are never refused."""
+    from multispin_env.live.device import DeviceConfig, run_device
+    from multispin_env.live.speculative import draft_uniforms, sample_index
+
+    drafter, verifier, _ = pair
+
+    async def scenario():
+        server = _server(verifier, greedy=False, max_draft_length=3)
+        port = await server.start()
+        honest = asyncio.create_task(
+            run_device(
+                DeviceConfig("honest", [3, 4], port=port, greedy=False, kept_vocab=KEPT,
+                             time_scale=0.0),
+                drafter=drafter,
+            )
+        )  # fmt: skip
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await send_raw(writer, hello("mallet", prompt=[5, 6]))
+        await next_of(reader, "welcome")
+        await server.wait_for_users(2)
+        codes = []
+        values = np.zeros((1, KEPT), dtype=np.float16)
+        values[0, 1] = 1.0
+        values[0, 9] = 2.0**-24  # q(9) > 0 but tiny: the old rule accepted it almost surely
+        for _ in range(4):
+            task = asyncio.create_task(server.play_round())
+            rnd = await next_of(reader, "round")
+            u = draft_uniforms(rnd["sample_seed"], 1)[0]
+            assert sample_index(values[0], u) == 1  # the seed's draw is token 1, not 9
+            await send_raw(writer, draft(rnd["round"], [9], values=values))
+            codes.append((await next_of(reader, "error"))["code"])
+            await task
+        assert codes == ["bad_draft"] * 4
+        assert server.verifier.outputs["mallet"] == []
+        assert not [e for e in server.protocol_errors if e.startswith("honest")]
+        assert len(server.verifier.outputs["honest"]) >= 4
+        writer.close()
+        await server.stop(grace_s=0.5)
+        await honest
+
+    asyncio.run(scenario())

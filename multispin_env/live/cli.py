@@ -13,8 +13,9 @@ process's log in ``<trace>.devices/``. Ctrl-C ends the run after the current rou
 writes the summary of the rounds played (exit status 130).
 
 Devices run in their own process sessions, so Ctrl-C reaches only the server, which says bye
-to them. With ``--host`` other than loopback the server needs a deployment token
-(``--auth-token`` or ``MULTISPIN_AUTH_TOKEN``), which the spawned devices are given.
+to them. Every hello must carry a deployment token: ``--auth-token`` or
+``MULTISPIN_AUTH_TOKEN``, else a random one made for the run and given only to the devices it
+starts (so no other local process can join or take a device's name first).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -182,6 +184,10 @@ async def run_live(args) -> dict:
         from multispin_env.registration import resolve_env_id
 
         args.scenario = resolve_env_id(bundle.meta["env_id"])[0]
+    if not args.auth_token:
+        # a per-run token for the devices this command starts: no other local process can
+        # join, or take a device's name before the device itself has joined
+        args.auth_token = secrets.token_urlsafe(16)
     if args.trace:
         write_trace_header(args.trace)
         log_dir = Path(args.trace).with_suffix(".devices")
@@ -211,6 +217,7 @@ async def run_live(args) -> dict:
     rng = np.random.default_rng(args.seed)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     procs, logs = [], []
+    prompt_of = {f"dev-{i}": prompt for i, prompt in enumerate(prompts)}
     for i, prompt in enumerate(prompts):
         logs.append(log_dir / f"dev-{i}.log")
         procs.append(
@@ -290,7 +297,7 @@ async def run_live(args) -> dict:
         trace = Path(args.trace)
         outputs = {
             uid: {
-                "prompt": prompts[int(uid.split("-")[1])],
+                "prompt": prompt_of.get(uid),  # None: a device this command did not start
                 "tokens": server.verifier.outputs[uid],
                 "text": pair.decode(server.verifier.outputs[uid]),
                 "end_reason": user.end_reason,
@@ -434,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--auth-token",
         default=os.environ.get("MULTISPIN_AUTH_TOKEN"),
-        help="deployment token every device must present (default: $MULTISPIN_AUTH_TOKEN)",
+        help="deployment token every device must present (default: $MULTISPIN_AUTH_TOKEN, "
+        "else a random one for this run, given only to the devices it starts)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds channels, devices and sampling")
     p.add_argument(

@@ -86,7 +86,7 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
     import torch
 
     from multispin_env.live.models import load_drafter
-    from multispin_env.live.speculative import DecodingConfig, DrafterSession
+    from multispin_env.live.speculative import DecodingConfig, DrafterSession, draft_uniforms
 
     torch.set_num_threads(1)
     if drafter is None and cfg.hf_model:
@@ -144,8 +144,9 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                     cfg.log.append("drafter context full; leaving")
                     await proto.send_message(writer, proto.message("bye"))
                     break
+                uniforms = None if cfg.greedy else draft_uniforms(msg["sample_seed"], length)
                 t0 = time.thread_time()
-                draft = session.propose(length)
+                draft = session.propose(length, uniforms)
                 compute_s = (time.thread_time() - t0) * cfg.speed_factor
                 rate_bps = msg["bandwidth_hz"] * msg["spectral_eff"]
                 upload_s = draft.payload_bits(vocab, cfg.prob_bits) / max(rate_bps, 1e-9)

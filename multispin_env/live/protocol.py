@@ -23,7 +23,9 @@ hello         dev -> srv device_id, prompt (token ids), speed_factor, mean_gain,
 welcome       srv -> dev user_id, session (this session's secret: keep it to rejoin),
                          committed (all tokens committed so far: a rejoining device
                          rebuilds its state from the server's record)
-round         srv -> dev round, draft_length, bandwidth_hz, spectral_eff
+round         srv -> dev round, draft_length, bandwidth_hz, spectral_eff, sample_seed
+                         (sampling mode: the device draws its tokens with
+                         speculative.draft_uniforms(sample_seed), so the server can check them)
 draft         dev -> srv round, tokens, q_indices (int32 bytes), q_values (fp16 bytes),
                          kept, compute_s (drafting CPU time x speed factor), upload_s
 result        srv -> dev round, accepted, committed
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import reprlib
 import struct
 
 import msgpack
@@ -61,6 +64,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "draft_length": int,
         "bandwidth_hz": (int, float),
         "spectral_eff": (int, float),
+        "sample_seed": int,
     },
     "draft": {
         "round": int,
@@ -100,7 +104,7 @@ def _check_field(kind: str, name: str, value, expected) -> None:
         0 < len(value) <= MAX_ID_CHARS and value.isprintable() and not value.isspace()
     ):
         raise ProtocolError(
-            f"{kind}.device_id must be 1..{MAX_ID_CHARS} printable characters, got {value!r:.80}"
+            f"{kind}.device_id must be 1..{MAX_ID_CHARS} printable characters, got {short(value)}"
         )
 
 
@@ -119,16 +123,31 @@ def message(kind: str, **fields) -> dict:
     return msg
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 4
+
+
+def short(value) -> str:
+    """A bounded repr of peer input for error texts (no deep recursion, no echo of megabytes)."""
+    return _SHORT.repr(value)
+
+
 def validate(msg) -> dict:
     if not isinstance(msg, dict):
         raise ProtocolError(f"a message must be a map, got {type(msg).__name__}")
-    if msg.get("v") != PROTOCOL_VERSION:
+    version = msg.get("v")
+    if not (isinstance(version, int) and not isinstance(version, bool)) or (
+        version != PROTOCOL_VERSION
+    ):
         raise ProtocolError(
-            f"unsupported protocol version {msg.get('v')!r}; this end speaks v{PROTOCOL_VERSION}"
+            f"unsupported protocol version {short(version)}; this end speaks v{PROTOCOL_VERSION}"
         )
     kind = msg.get("type")
-    if kind not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {kind!r}; expected one of {sorted(SCHEMAS)}")
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise ProtocolError(
+            f"unknown message type {short(kind)}; expected one of {sorted(SCHEMAS)}"
+        )
     for name, expected in SCHEMAS[kind].items():
         if name not in msg:
             raise ProtocolError(f"{kind} message is missing field {name!r}")
@@ -150,8 +169,13 @@ def decode(body: bytes) -> dict:
     try:
         msg = msgpack.unpackb(body, raw=False)
     except Exception as err:  # msgpack raises several types for garbage
-        raise ProtocolError(f"undecodable message: {err}") from err
-    return validate(msg)
+        raise ProtocolError(f"undecodable message: {short(str(err))}") from err
+    try:
+        return validate(msg)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, RecursionError) as err:  # hostile shapes: never escape
+        raise ProtocolError(f"invalid message: {type(err).__name__}") from err
 
 
 async def read_message(
@@ -167,12 +191,30 @@ async def read_message(
     ``asyncio.TimeoutError`` when no frame starts within ``idle_timeout_s`` or a started frame
     does not arrive whole within ``frame_timeout_s`` (a peer trickling bytes), and
     ``IncompleteReadError`` at EOF."""
-    first = await asyncio.wait_for(reader.readexactly(1), idle_timeout_s)
-    header = first + await asyncio.wait_for(reader.readexactly(3), frame_timeout_s)
+    first = await _within(reader.readexactly(1), idle_timeout_s)
+    header = first + await _within(reader.readexactly(3), frame_timeout_s)
     (size,) = struct.unpack(">I", header)
     if size > max_bytes:
         raise FrameError(f"frame of {size} bytes exceeds this connection's limit of {max_bytes}")
-    return decode(await asyncio.wait_for(reader.readexactly(size), frame_timeout_s))
+    return decode(await _within(reader.readexactly(size), frame_timeout_s))
+
+
+async def _within(coro, timeout_s: float | None):
+    """``await coro`` with a time limit (``asyncio.TimeoutError``). Not ``asyncio.wait_for``:
+    on Python < 3.12 it can swallow a cancellation that arrives as the read completes, and a
+    cancelled device then read on instead of leaving (seen in the rejoin test)."""
+    if timeout_s is None:
+        return await coro
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()
 
 
 async def send_message(writer: asyncio.StreamWriter, msg: dict) -> None:

@@ -37,6 +37,7 @@ not depend on how the devices share this host's cores; and as wall-clock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import ipaddress
 import json
@@ -51,7 +52,7 @@ from multispin_env.config import load_preset
 from multispin_env.episodes import ServerView
 from multispin_env.live import protocol as proto
 from multispin_env.live.scheduler import BundleScheduler, OnlineVerificationModel
-from multispin_env.live.speculative import DecodingConfig, VerifierServer
+from multispin_env.live.speculative import DecodingConfig, VerifierServer, draft_uniforms
 from multispin_env.live.validation import Rejected, RunLimits, check_hello, parse_draft
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.physics import spectral_efficiency
@@ -83,6 +84,8 @@ class LiveConfig:
         rejoin_grace_s: how long a device that vanished without bye keeps its slot.
         heartbeat_s: the server pings every device this often, so devices can tell a slow
             round from a dead server.
+        send_timeout_s: a message to a device must leave the server's buffer within this
+            time; a device that stops reading is disconnected instead of stalling the round.
         auth_token: deployment token every hello must carry (None: no token; required when
             listening on a non-loopback address).
     """
@@ -107,6 +110,7 @@ class LiveConfig:
     max_missed_rounds: int = 2
     rejoin_grace_s: float = 30.0
     heartbeat_s: float = 2.0
+    send_timeout_s: float = 2.0
     auth_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -115,6 +119,7 @@ class LiveConfig:
             "hello_timeout_s",
             "frame_timeout_s",
             "heartbeat_s",
+            "send_timeout_s",
             "temperature",
             "horizon_s",
         )
@@ -181,7 +186,11 @@ class EdgeServer:
         self.history.reset(np.full((1, cfg.max_users), self.alpha_prior))
         self.verification = OnlineVerificationModel()
         self.records: list[RoundRecord] = []
-        self.protocol_errors: list[str] = []
+        # the latest errors (bounded: a peer can make the server write one per message)
+        self.protocol_errors: collections.deque[str] = collections.deque(maxlen=1000)
+        self.protocol_error_count = 0
+        self.sample_rng = np.random.default_rng(cfg.seed + 2)  # per-round draft seeds
+        self._sample_seeds: dict[str, int] = {}
         kept = min(cfg.kept_vocab, vocab_size)
         self.limits = RunLimits(vocab_size, int(verifier.cfg.n_positions), kept)
         # frame caps: a hello carries a prompt; a draft at most L_max tokens with their PMFs
@@ -227,10 +236,7 @@ class EdgeServer:
             self._heartbeat.cancel()
         for user in self.users.values():
             if user.writer is not None:
-                try:
-                    await proto.send_message(user.writer, proto.message("bye"))
-                except (ConnectionError, RuntimeError):
-                    pass
+                await self._send(user.writer, proto.message("bye"))
         deadline = time.perf_counter() + grace_s
         while self.connected and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)  # devices close their side after bye
@@ -266,12 +272,26 @@ class EdgeServer:
         free = [s for s in range(self.cfg.max_users) if s not in used]
         return free[0] if free else None
 
-    async def _reply_error(self, writer, code: str, text: str, who: str = "?") -> None:
-        self.protocol_errors.append(f"{who}: {code}: {text}")
+    async def _send(self, writer, msg: dict) -> bool:
+        """Send one message; a peer that does not read within ``send_timeout_s`` is cut off
+        (its connection aborted) rather than stalling the caller. False if not sent."""
+        if writer is None:
+            return False
         try:
-            await proto.send_message(writer, proto.message("error", code=code, message=text))
+            writer.write(proto.encode(msg))
+            await asyncio.wait_for(writer.drain(), self.cfg.send_timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+            return False
         except (ConnectionError, RuntimeError):
-            pass
+            return False
+
+    async def _reply_error(self, writer, code: str, text: str, who: str = "?") -> None:
+        text = text if len(text) <= 500 else text[:497] + "..."
+        self.protocol_error_count += 1
+        self.protocol_errors.append(f"{proto.short(who)}: {code}: {text}")
+        await self._send(writer, proto.message("error", code=code, message=text))
 
     def _disconnect(self, user: _User, writer) -> None:
         if user.writer is writer:
@@ -324,6 +344,9 @@ class EdgeServer:
             )
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass  # the device left, or the server is shutting down
+        except Exception as err:  # noqa: BLE001 - a bug here must cost only this connection
+            who = user.device_id if user else "?"
+            await self._reply_error(writer, "internal", f"{type(err).__name__}; closing", who)
         finally:
             # close our side too: a peer's EOF alone leaves the transport half-open, and on
             # Python >= 3.12 Server.wait_closed() waits for it (stop() hung there)
@@ -365,7 +388,7 @@ class EdgeServer:
         except Rejected as err:
             await self._reply_error(writer, err.code, str(err), device_id)
             return None
-        await proto.send_message(
+        await self._send(
             writer,
             proto.message(
                 "welcome",
@@ -452,7 +475,10 @@ class EdgeServer:
             )
             return
         try:
-            draft = parse_draft(msg, self._requested[device_id], self.limits)
+            uniforms = None
+            if not self.decoding.greedy:  # sampling: the tokens must be the seed's draws
+                uniforms = draft_uniforms(self._sample_seeds[device_id], len(msg["tokens"]))
+            draft = parse_draft(msg, self._requested[device_id], self.limits, uniforms)
             self._inbox[device_id] = (draft, msg)
         except Rejected as err:
             # its answer for this round is "nothing": the others need not wait for it
@@ -519,10 +545,7 @@ class EdgeServer:
 
     async def _end_request(self, user: _User, reason: str) -> None:
         user.ended, user.end_reason = True, reason
-        try:
-            await proto.send_message(user.writer, proto.message("end", reason=reason))
-        except (ConnectionError, RuntimeError, AttributeError):
-            pass
+        await self._send(user.writer, proto.message("end", reason=reason))
 
     async def play_round(self) -> RoundRecord | None:
         for user in self.connected:  # requests that no longer fit end here, cleanly
@@ -564,23 +587,28 @@ class EdgeServer:
         ]
         bandwidth = bandwidth[0]
         self._inbox, self._rejected, self._arrived = {}, set(), asyncio.Event()
-        self._expected, self._requested = set(), {}
+        seeds = self.sample_rng.integers(0, 2**62, size=len(users))
+        self._sample_seeds = {u.device_id: int(x) for u, x in zip(users, seeds, strict=True)}
+        # the whole round is expected before the first send yields: a device that leaves (or
+        # answers) while the others are still being sent to must not end the round early
+        self._expected = {u.device_id for u in users}
+        self._requested = {u.device_id: int(x) for u, x in zip(users, lengths, strict=True)}
         for u, length, bw, r in zip(users, lengths, bandwidth, r_true, strict=True):
-            try:
-                await proto.send_message(
-                    u.writer,
-                    proto.message(
-                        "round",
-                        round=self._round,
-                        draft_length=int(length),
-                        bandwidth_hz=float(bw),
-                        spectral_eff=float(r),
-                    ),
-                )
-                self._expected.add(u.device_id)
-                self._requested[u.device_id] = int(length)
-            except (ConnectionError, RuntimeError, AttributeError):
-                u.writer = None
+            sent = await self._send(
+                u.writer,
+                proto.message(
+                    "round",
+                    round=self._round,
+                    draft_length=int(length),
+                    bandwidth_hz=float(bw),
+                    spectral_eff=float(r),
+                    sample_seed=self._sample_seeds[u.device_id],
+                ),
+            )
+            if not sent:
+                self._expected.discard(u.device_id)
+        if self._expected <= set(self._inbox) | self._rejected:
+            self._arrived.set()
         if self._expected:
             try:
                 await asyncio.wait_for(self._arrived.wait(), self.cfg.round_timeout_s)
@@ -642,13 +670,11 @@ class EdgeServer:
                 per_token_s = msg["compute_s"] / len(msg["tokens"])
                 u.t_draft_est_s = 0.7 * u.t_draft_est_s + 0.3 * per_token_s
                 drafted[0, u.slot], accepted_arr[0, u.slot] = len(msg["tokens"]), m
-                try:
-                    await proto.send_message(
-                        u.writer,
-                        proto.message("result", round=self._round, accepted=m, committed=committed),
-                    )
-                except (ConnectionError, RuntimeError, AttributeError):
-                    pass  # committed on the server; the device gets it on rejoin
+                # if this fails, it is committed on the server; the device gets it on rejoin
+                await self._send(
+                    u.writer,
+                    proto.message("result", round=self._round, accepted=m, committed=committed),
+                )
             rows.append(row)
         served = [row for row in rows if "accepted" in row]
         timeline = (
@@ -688,7 +714,7 @@ class EdgeServer:
             else 0.0,
             "dropped_user_rounds": sum(len(r.dropped) for r in self.records),
             "rejected_drafts": sum(len(r.rejected) for r in self.records),
-            "protocol_errors": len(self.protocol_errors),
+            "protocol_errors": self.protocol_error_count,
             "ended_requests": sorted(
                 u.device_id for u in self.users.values() if u.end_reason == "context_full"
             ),

@@ -80,8 +80,24 @@ def uploaded_distribution(indices: np.ndarray, values: np.ndarray, vocab: int) -
 
 
 def _sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+    return sample_index(probs, rng.random())
+
+
+def sample_index(probs: np.ndarray, u: float) -> int:
+    """Inverse-CDF draw from (unnormalised) ``probs`` with the uniform ``u`` in [0, 1)."""
+    cdf = np.cumsum(np.asarray(probs, dtype=np.float64))
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def draft_uniforms(sample_seed: int, length: int) -> np.ndarray:
+    """The uniforms a device draws its L tokens with in sampling mode, from the server's
+    per-round ``sample_seed``. Token i is ``indices[i][sample_index(values[i], u_i)]`` of its
+    own uploaded PMF, so the server can recompute it: a device cannot draft a token its
+    uploaded distribution would not have given (with a tiny q(x) the acceptance test
+    min(1, p/q) would otherwise pass almost surely, and a device could write any text).
+    Given honest draws from q, the output is distributed exactly as the verifier's p for
+    *any* q, so this check is what makes sampling exact against a misbehaving device."""
+    return np.random.default_rng(int(sample_seed)).random(length)
 
 
 def accept(
@@ -133,9 +149,11 @@ class DrafterSession:
     def _cache_len(self, cache: Cache | None) -> int:
         return 0 if cache is None else cache[0][0].shape[1]
 
-    def propose(self, length: int) -> Draft:
+    def propose(self, length: int, uniforms=None) -> Draft:
         """Draft ``length`` tokens, one drafter forward each; the first forward also feeds
-        the committed tokens the cache does not hold yet."""
+        the committed tokens the cache does not hold yet. In sampling mode token i is drawn
+        with ``uniforms[i]`` when given (the server's, see :func:`draft_uniforms`), else
+        with this session's own generator."""
         if length < 1:
             raise ValueError(f"draft length {length} must be >= 1")
         self._base, self._num_pending, self._length = (
@@ -153,7 +171,8 @@ class DrafterSession:
             if self.cfg.greedy:
                 x = int(torch.argmax(last))
             else:
-                x = int(indices[_sample(values.astype(np.float64), self.rng)])
+                u = self.rng.random() if uniforms is None else float(uniforms[i])
+                x = int(indices[sample_index(values, u)])
             tokens.append(x)
             idx_rows.append(indices)
             val_rows.append(values)

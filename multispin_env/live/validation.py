@@ -14,7 +14,10 @@ The checks that keep speculative decoding exact against a misbehaving device:
   q(x) > 0: the acceptance test ``u q(x) < p(x)`` passes for *every* u when q(x) = 0, so a
   token the device claims it could never have drafted would always be accepted;
 - the PMF rows must be finite, non-negative, with distinct indices below the vocabulary, so
-  that server and device renormalise the same distribution.
+  that server and device renormalise the same distribution;
+- in sampling mode each token must be the one its own uploaded PMF gives for the uniforms of
+  the round's ``sample_seed`` (:func:`~multispin_env.live.speculative.draft_uniforms`): a
+  tiny q(x) > 0 would otherwise still let a device commit text of its choosing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from multispin_env.live.protocol import ProtocolError
-from multispin_env.live.speculative import Draft
+from multispin_env.live.speculative import Draft, sample_index
 
 # reported drafting / upload times above this are not physical for one round
 MAX_REPORTED_TIME_S = 3600.0
@@ -82,8 +85,9 @@ def check_hello(msg: dict, limits: RunLimits) -> None:
     _positive_finite("hello.speed_factor", float(msg["speed_factor"]), MAX_SPEED_FACTOR)
 
 
-def parse_draft(msg: dict, requested_length: int, limits: RunLimits) -> Draft:
-    """The :class:`Draft` in a ``draft`` message, after every value was checked."""
+def parse_draft(msg: dict, requested_length: int, limits: RunLimits, uniforms=None) -> Draft:
+    """The :class:`Draft` in a ``draft`` message, after every value was checked.
+    ``uniforms`` (sampling mode): the round's draw for each position."""
     tokens = list(msg["tokens"])
     n = len(tokens)
     if n == 0:
@@ -136,4 +140,13 @@ def parse_draft(msg: dict, requested_length: int, limits: RunLimits) -> Draft:
                 f"draft token {i} (id {x}) has probability 0 in its own uploaded PMF; a "
                 "device only drafts tokens it could sample",
             )
+        if uniforms is not None:
+            drawn = int(indices[i, sample_index(values[i], float(uniforms[i]))])
+            if drawn != x:
+                raise Rejected(
+                    "bad_draft",
+                    f"draft token {i} (id {x}) is not the token its uploaded PMF gives for the "
+                    f"round's sample_seed (id {drawn}); draw token i with "
+                    "draft_uniforms(sample_seed)[i]",
+                )
     return Draft(tokens, indices, values)
