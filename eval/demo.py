@@ -2,9 +2,10 @@
 
 1. Plays the paper's setting (K = 20 users, 10 MHz, TinyLlama -> Llama-2 calibration) in the
    simulator with every allocation scheme; prints a table and writes a bar chart.
-2. Runs a short ``multispin end-to-end``: trains PPO for 20k steps in the simulator
-   calibrated from the built-in live pair, exports it, and runs it live against Hete and
-   Fixed BW&L with 4 device processes, next to the simulator's predictions.
+2. Runs a short ``multispin end-to-end``: tunes the heuristic family and trains residual
+   PPO over it for 20k steps in the simulator calibrated from the built-in live pair, exports
+   it, and runs it live against the tuned heuristic, Hete and Fixed BW&L with 4 device
+   processes, next to the simulator's predictions.
 
     multispin demo [--no-live] [--preset paper-llama2] [--out results/demo]
 """
