@@ -49,7 +49,7 @@ EXPERIMENTS = {
     },
     "realistic": {
         "env_id": "multispin/RealisticLlama2-v0",
-        "timesteps": 150_000,
+        "timesteps": 250_000,
         "target": 1.0,
         "target_of": "tuned",
         "policies": ["fixed", "uni_bw", "homo", "hete", "hete[history]"],
