@@ -148,13 +148,21 @@ class UserHistory:
     ) -> None:
         """Forget everything for the given rows (default all) and start from the prior."""
         rows = slice(None) if rows is None else rows
-        self.spectral_eff_avg[rows] = 0.0 if spectral_eff_est is None else spectral_eff_est
-        self.successes[rows] = alpha_prior * self.prior_weight
-        self.trials[rows] = self.prior_weight
-        self.accept_frac[rows] = alpha_prior
-        for arr in (self.last_drafted, self.last_accepted, self.prev_share):
-            arr[rows] = 0.0
+        self._start_from_prior(rows, alpha_prior, spectral_eff_est)
         self.last_round_time_s[rows] = 0.0
+
+    def reset_users(self, cols, alpha_prior) -> None:
+        """Forget what was seen of user slots ``cols`` in every env (live: a new user took
+        the slot) and start them from the prior."""
+        self._start_from_prior((slice(None), cols), alpha_prior, None)
+
+    def _start_from_prior(self, idx, alpha_prior, spectral_eff_est) -> None:
+        self.spectral_eff_avg[idx] = 0.0 if spectral_eff_est is None else spectral_eff_est
+        self.successes[idx] = alpha_prior * self.prior_weight
+        self.trials[idx] = self.prior_weight
+        self.accept_frac[idx] = alpha_prior
+        for arr in (self.last_drafted, self.last_accepted, self.prev_share):
+            arr[idx] = 0.0
 
     def update(
         self,

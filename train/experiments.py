@@ -197,10 +197,11 @@ def run_experiment(
     title = f"{name}: {env_id}, {eval_seeds} held-out episodes, {len(seeds)} training seeds"
     write_outputs(rows, out, title)
     reference = spec["target_of"]
-    ratios = np.stack([scores[f"learned s{s}"] / scores[reference] for s in seeds])
-    stats = seed_statistics(ratios)
-    vs_hete = seed_statistics(np.stack([scores[f"learned s{s}"] / scores["hete"] for s in seeds]))
-    vs_tuned = seed_statistics(np.stack([scores[f"learned s{s}"] / scores["tuned"] for s in seeds]))
+    vs = {
+        ref: seed_statistics(np.stack([scores[f"learned s{s}"] / scores[ref] for s in seeds]))
+        for ref in ("hete", "tuned")
+    }
+    stats, vs_hete, vs_tuned = vs[reference], vs["hete"], vs["tuned"]
     configs = {s: json.loads((runs[s] / "config.json").read_text()) for s in seeds}
     plot_learning_curves(runs, out / "learning_curves.png", title)
     bundles = {}

@@ -344,7 +344,9 @@ def live_args(**overrides) -> argparse.Namespace:
     return args
 
 
-def _at_least(minimum: int):
+def at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (also used by the device's CLI)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -357,14 +359,14 @@ def _at_least(minimum: int):
     return parse
 
 
-def _port(text: str) -> int:
-    value = _at_least(0)(text)
+def port_number(text: str) -> int:
+    value = at_least(0)(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -376,14 +378,14 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multispin live", description=__doc__.split("\n")[0])
-    p.add_argument("--users", type=_at_least(1), default=4, help="device processes to start (>= 1)")
+    p.add_argument("--users", type=at_least(1), default=4, help="device processes to start (>= 1)")
     p.add_argument(
         "--scheduler",
         default="hete",
         help="fixed, uni_bw, homo, hete, a tuned heuristic (tuned[hete,cap=6,...] or "
         "tuned:PATH from multispin tune), or bundle:FOLDER (an exported policy)",
     )
-    p.add_argument("--rounds", type=_at_least(1), default=30, help="rounds to play")
+    p.add_argument("--rounds", type=at_least(1), default=30, help="rounds to play")
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
     p.add_argument(
         "--hf-drafter", default=None, help="local Hugging Face drafter folder (with --hf-verifier)"
@@ -409,26 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--greedy", action="store_true", help="argmax drafting and verification (deterministic)"
     )
     p.add_argument(
-        "--temperature", type=_positive_float, default=1.0, help="sampling temperature (> 0)"
+        "--temperature", type=positive_float, default=1.0, help="sampling temperature (> 0)"
     )
     p.add_argument(
         "--kept-vocab",
-        type=_at_least(1),
+        type=at_least(1),
         default=1024,
         help="probabilities uploaded per drafted token (top-k of the drafter's PMF)",
     )
     p.add_argument(
-        "--max-draft-length", type=_at_least(1), default=8, help="L_max, the longest draft"
+        "--max-draft-length", type=at_least(1), default=8, help="L_max, the longest draft"
     )
     p.add_argument(
         "--round-timeout-s",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         help="how long a round waits for drafts; late devices are dropped from the round",
     )
     p.add_argument(
         "--join-timeout-s",
-        type=_positive_float,
+        type=positive_float,
         default=120.0,
         help="how long to wait for every device to join (a device that dies fails at once)",
     )
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address the server listens on (other than loopback: needs --auth-token)",
     )
-    p.add_argument("--port", type=_port, default=0, help="TCP port (0: any free port)")
+    p.add_argument("--port", type=port_number, default=0, help="TCP port (0: any free port)")
     p.add_argument(
         "--auth-token",
         default=os.environ.get("MULTISPIN_AUTH_TOKEN"),

@@ -215,17 +215,9 @@ def _token_list(text: str) -> list[int]:
     return ids
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from multispin_env.live.cli import at_least, positive_float
+
     p = argparse.ArgumentParser(
         prog="python -m multispin_env.live.device", description=__doc__.split("\n")[0]
     )
@@ -235,18 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, type=_token_list, help="comma-separated token ids")
     p.add_argument(
         "--speed-factor",
-        type=_positive(float),
+        type=positive_float,
         default=1.0,
         help="compute slowdown vs this host (> 1: a slower device)",
     )
     p.add_argument(
-        "--mean-gain", type=_positive(float), default=0.35, help="average channel gain H_bar_k"
+        "--mean-gain", type=positive_float, default=0.35, help="average channel gain H_bar_k"
     )
     p.add_argument("--model", default=None, help="model pair folder (default: built-in pair)")
     p.add_argument("--greedy", action="store_true", help="argmax drafting (as the server)")
-    p.add_argument("--temperature", type=_positive(float), default=1.0, help="sampling temperature")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
     p.add_argument(
-        "--kept-vocab", type=_positive(int), default=1024, help="probabilities uploaded per token"
+        "--kept-vocab", type=at_least(1), default=1024, help="probabilities uploaded per token"
     )
     p.add_argument("--seed", type=int, default=0, help="seeds this device's draft sampling")
     p.add_argument(
@@ -266,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--server-timeout-s",
-        type=_positive(float),
+        type=positive_float,
         default=30.0,
         help="silence from the server after which it is taken to be gone",
     )

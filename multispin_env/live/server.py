@@ -416,7 +416,7 @@ class EdgeServer:
             )
             self.users[device_id] = user
             self.verifier.add_user(device_id, list(hello["prompt"]))
-            self._reset_history(slot)
+            self.history.reset_users(slot, self.alpha_prior)
         else:
             if not hmac.compare_digest(hello.get("session", "").encode(), user.session.encode()):
                 raise Rejected(
@@ -435,21 +435,12 @@ class EdgeServer:
                 raise Rejected("full", f"all {self.cfg.max_users} slots taken")
             if slot != user.slot:
                 user.slot = slot
-                self._reset_history(slot)
+                self.history.reset_users(slot, self.alpha_prior)
             if user.writer is not None:  # the same session on a new connection wins
                 user.writer.close()
             user.ended, user.end_reason = False, None
         user.writer, user.disconnected_at, user.missed_rounds = writer, None, 0
         return user
-
-    def _reset_history(self, slot: int) -> None:
-        """Start slot ``slot``'s history from the prior (a new user took it)."""
-        h = self.history
-        h.successes[:, slot] = self.alpha_prior * h.prior_weight
-        h.trials[:, slot] = h.prior_weight
-        h.accept_frac[:, slot] = self.alpha_prior
-        for arr in (h.last_drafted, h.last_accepted, h.prev_share, h.spectral_eff_avg):
-            arr[:, slot] = 0.0
 
     async def _receive_draft(self, user: _User, msg: dict, writer) -> None:
         device_id = user.device_id
