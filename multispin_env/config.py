@@ -165,6 +165,23 @@ class ScenarioConfig:
     """Channel estimation error: the server sees |h + e|^2 with e ~ CN(0, std^2 H_bar)."""
     draft_energy_j_per_token: float = 0.0
     """Device energy per drafted token (transmission energy is p_k times upload time)."""
+    early_stop: bool = False
+    """Protocol switch: confidence-based early stop (AdaEDL). Each user gets a cap and a
+    confidence threshold; acceptance becomes token level (see multispin_env.protocols)."""
+    token_logit_std: float = 1.5
+    """Token-level acceptance: std of the per-token acceptance logit around the request's
+    mean (only with early_stop; fitted on a real pair by multispin_eval.fit_token_model)."""
+    confidence_noise_std: float = 1.0
+    """Token-level acceptance: std of the noise between the drafter's confidence logit and
+    the token's acceptance logit (0: the drafter knows exactly; only with early_stop)."""
+    streaming_deadline: bool = False
+    """Protocol switch: devices stream each drafted token; the server verifies every user's
+    received prefix at a deadline it picks (see multispin_env.protocols)."""
+    pipeline_groups: int = 1
+    """Protocol switch: G >= 2 groups pipelined (one drafts and uploads while another is
+    verified; SpecEdge). 1 = the synchronous round."""
+    proactive_drafting: bool = True
+    """With pipeline_groups >= 2: devices keep drafting while their draft is verified."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field_name: str, rule: str) -> None:
@@ -238,6 +255,27 @@ class ScenarioConfig:
             "draft_energy_j_per_token",
             "must be a finite number in [0, 1e6] joules per token",
         )
+        need(
+            math.isfinite(self.token_logit_std) and 0 < self.token_logit_std <= 20,
+            "token_logit_std",
+            "must be a finite number in (0, 20] (logit units)",
+        )
+        need(
+            math.isfinite(self.confidence_noise_std) and 0 <= self.confidence_noise_std <= 100,
+            "confidence_noise_std",
+            "must be a finite number in [0, 100] (logit units)",
+        )
+        need(
+            1 <= self.pipeline_groups <= 8,
+            "pipeline_groups",
+            "must be an integer in [1, 8] (1 = synchronous round)",
+        )
+        need(
+            not (self.streaming_deadline and self.pipeline_groups > 1),
+            "streaming_deadline",
+            "deadline verification and pipelined groups do not combine; switch one off "
+            "(pipeline_groups=1 or streaming_deadline=false)",
+        )
         need(len(self.tasks) >= 1, "tasks", "needs at least one task")
         need(
             all(isinstance(t, TaskSpec) for t in self.tasks),
@@ -257,6 +295,25 @@ class ScenarioConfig:
     def payload_bits(self) -> int:
         """Q_tok: uploaded bits per drafted token (Eq. 9)."""
         return payload_bits_per_token(self.kept_vocab, self.prob_bits, self.vocab_size)
+
+    @property
+    def extended_protocol(self) -> bool:
+        """True when any protocol switch beyond the synchronous round is on."""
+        return self.early_stop or self.streaming_deadline or self.pipeline_groups > 1
+
+    @property
+    def protocol_name(self) -> str:
+        """``sync``, or the switches that are on joined by ``+`` (``early_stop+deadline``)."""
+        parts = [
+            name
+            for name, on in (
+                ("early_stop", self.early_stop),
+                ("deadline", self.streaming_deadline),
+                (f"groups{self.pipeline_groups}", self.pipeline_groups > 1),
+            )
+            if on
+        ]
+        return "+".join(parts) or "sync"
 
     @property
     def verification_model(self):

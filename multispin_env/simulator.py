@@ -21,6 +21,7 @@ from scipy.special import betaincinv
 from multispin_env import rng as crng
 from multispin_env._jit import kernel
 from multispin_env.config import ScenarioConfig
+from multispin_env.protocols import logit_mean_for, play_extended_round
 from multispin_env.types import RoundResult
 from multispin_env.verification import padded_batch_latency_s
 
@@ -90,6 +91,9 @@ class MultiSpinSimulator:
         self.spectral_eff = np.zeros(shape)
         self.spectral_eff_estimate = np.zeros(shape)
         self.remaining_tokens = np.full(shape, np.inf)
+        # extended protocols (multispin_env.protocols); unused by the synchronous round
+        self.token_logit_mean = np.zeros(shape)
+        self.predrafted = np.zeros(shape)
         round_streams = (crng.STREAM_ACCEPT, crng.STREAM_FADING_MAG)
         if config.csi_error_std > 0:
             round_streams += (crng.STREAM_FADING_PHASE, crng.STREAM_CSI_MAG, crng.STREAM_CSI_PHASE)
@@ -135,6 +139,7 @@ class MultiSpinSimulator:
         cfg, k = self.config, self.num_users
         self.keys[ids] = keys
         self.round_index[ids] = 0
+        self.predrafted[ids] = 0.0
         self._round_uniforms.rekey(keys, ids)
         epi = np.full(len(ids), _EPISODE_COUNTER, dtype=np.uint64)
         u_gain = crng.uniforms(keys, epi, 0, k)
@@ -177,6 +182,8 @@ class MultiSpinSimulator:
         self.task_alpha_mean[sel_r, sel_c] = alpha_mean
         self.alpha[sel_r, sel_c] = alpha
         self._log_alpha[sel_r, sel_c] = np.log(alpha)
+        if cfg.early_stop:
+            self.token_logit_mean[sel_r, sel_c] = logit_mean_for(alpha, cfg.token_logit_std)
         self.remaining_tokens[sel_r, sel_c] = length
 
     def _draw_channels(self, ids: np.ndarray | None = None) -> None:
@@ -197,8 +204,11 @@ class MultiSpinSimulator:
         )
 
     # ------------------------------------------------------------------ step
-    def validate_allocation(self, draft_lengths: np.ndarray, bandwidth_hz: np.ndarray) -> None:
-        """Raise ValueError naming the problem if an allocation is infeasible."""
+    def validate_allocation(
+        self, draft_lengths: np.ndarray, bandwidth_hz: np.ndarray, group: np.ndarray | None = None
+    ) -> None:
+        """Raise ValueError naming the problem if an allocation is infeasible. With pipelined
+        groups (``group`` given) each group's bandwidth sums to at most the budget."""
         shape = (self.num_envs, self.num_users)
         if draft_lengths.shape != shape or bandwidth_hz.shape != shape:
             raise ValueError(
@@ -210,11 +220,19 @@ class MultiSpinSimulator:
             raise ValueError(f"draft_lengths must be integers in [0, max_draft_length={l_max}]")
         if not np.all(np.isfinite(bandwidth_hz)) or bandwidth_hz.min() < 0:
             raise ValueError("bandwidth_hz must be finite and >= 0")
-        total = bandwidth_hz.sum(axis=-1)
+        if group is None:
+            total = bandwidth_hz.sum(axis=-1)
+        else:
+            groups = self.config.pipeline_groups
+            total = np.stack(
+                [np.where(group == g, bandwidth_hz, 0.0).sum(axis=-1) for g in range(groups)]
+            )
         if np.any(total > self.config.bandwidth_hz * (1 + 1e-6)):
             worst = float(total.max())
             raise ValueError(
-                f"bandwidth_hz sums to {worst:.6g} Hz, above the budget "
+                f"bandwidth_hz sums to {worst:.6g} Hz"
+                + ("" if group is None else " in a pipeline group")
+                + ", above the budget "
                 f"bandwidth_hz={self.config.bandwidth_hz:.6g} Hz"
             )
         if np.any((draft_lengths > 0) & (bandwidth_hz <= 0)):
@@ -222,10 +240,42 @@ class MultiSpinSimulator:
         if np.any((draft_lengths > 0).sum(axis=-1) == 0):
             raise ValueError("every environment needs at least one user with draft length >= 1")
 
-    def step(self, draft_lengths, bandwidth_hz, validate: bool = True) -> RoundResult:
-        """Play one round in every env. Arrays are ``(N, K)`` (or ``(K,)`` when N = 1)."""
+    def step(
+        self,
+        draft_lengths,
+        bandwidth_hz,
+        validate: bool = True,
+        *,
+        stop_threshold=None,
+        deadline_s=None,
+        group=None,
+    ) -> RoundResult:
+        """Play one round in every env. Arrays are ``(N, K)`` (or ``(K,)`` when N = 1).
+
+        The extended protocols take their extra decisions here (only when the scenario
+        switches them on; see :mod:`multispin_env.protocols`): ``stop_threshold`` ``(N, K)``
+        confidence thresholds in [0, 1) (early stop; default 0, never stop early; the
+        lengths are then caps), ``deadline_s`` ``(N,)`` seconds after the round starts
+        (deadline verification; default inf, wait for every draft), ``group`` ``(N, K)``
+        integers in [0, G) (pipelined groups; default user index mod G).
+        """
         if not self._has_reset:
             raise RuntimeError("call reset() before step()")
+        if self.config.extended_protocol:
+            return self._step_extended(
+                draft_lengths, bandwidth_hz, validate, stop_threshold, deadline_s, group
+            )
+        for name, value in (
+            ("stop_threshold", stop_threshold),
+            ("deadline_s", deadline_s),
+            ("group", group),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{name} is a decision of an extended protocol, but scenario "
+                    f"{self.config.name!r} plays the synchronous round; switch on "
+                    "early_stop, streaming_deadline or pipeline_groups in its config"
+                )
         n, k = self.num_envs, self.num_users
         lengths = np.asarray(draft_lengths)
         bw = np.asarray(bandwidth_hz, dtype=np.float64)
@@ -288,6 +338,138 @@ class MultiSpinSimulator:
             straggler=straggler,
             energy_j=energy,
             request_done=done,
+        )
+        self.round_index += 1
+        if any_done:
+            rows = np.flatnonzero(done.any(axis=-1))
+            self._start_requests(rows, self.round_index[rows].astype(np.uint64), done[rows])
+        self._draw_channels()
+        return result
+
+    # ------------------------------------------------------------------ extended protocols
+    def _step_extended(
+        self, draft_lengths, bandwidth_hz, validate, stop_threshold, deadline_s, group
+    ):
+        cfg = self.config
+        n, k = self.num_envs, self.num_users
+        shape = (n, k)
+        lengths = np.asarray(draft_lengths)
+        bw = np.asarray(bandwidth_hz, dtype=np.float64)
+        if lengths.ndim == 1 and n == 1:
+            lengths, bw = lengths[None, :], bw[None, :]
+        if not np.issubdtype(lengths.dtype, np.integer):
+            rounded = np.round(lengths)
+            if np.any(rounded != lengths):
+                raise ValueError("draft_lengths must be whole numbers of tokens")
+            lengths = rounded.astype(np.int64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        groups = cfg.pipeline_groups
+        for name, value, on in (
+            ("stop_threshold", stop_threshold, cfg.early_stop),
+            ("deadline_s", deadline_s, cfg.streaming_deadline),
+            ("group", group, groups > 1),
+        ):
+            if value is not None and not on:
+                raise ValueError(
+                    f"{name} is given, but scenario {cfg.name!r} has that protocol switched "
+                    f"off (protocol: {cfg.protocol_name})"
+                )
+        if stop_threshold is None:
+            threshold = np.zeros(shape)
+        else:
+            threshold = np.broadcast_to(np.asarray(stop_threshold, dtype=np.float64), shape)
+            if not np.all((threshold >= 0) & (threshold < 1)):
+                raise ValueError("stop_threshold must be confidences in [0, 1) (0: never stop)")
+        with np.errstate(divide="ignore"):
+            stop_logit = np.ascontiguousarray(np.log(threshold) - np.log1p(-threshold))
+        if deadline_s is None:
+            deadline = np.full(n, np.inf)
+        else:
+            deadline = np.ascontiguousarray(
+                np.broadcast_to(np.asarray(deadline_s, dtype=np.float64), (n,))
+            )
+            if np.any(np.isnan(deadline)) or np.any(deadline <= 0):
+                raise ValueError("deadline_s must be > 0 seconds (inf: wait for every draft)")
+        if group is None:
+            grp = np.ascontiguousarray(np.broadcast_to(np.arange(k) % groups, shape))
+        else:
+            grp = np.asarray(group)
+            if grp.ndim == 1 and n == 1:
+                grp = grp[None, :]
+            if grp.shape != shape or not np.issubdtype(grp.dtype, np.integer):
+                raise ValueError(f"group must be integers of shape {shape}")
+            if grp.min() < 0 or grp.max() >= groups:
+                raise ValueError(f"group must be integers in [0, pipeline_groups={groups})")
+            grp = np.ascontiguousarray(grp, dtype=np.int64)
+        if validate:
+            self.validate_allocation(lengths, bw, grp if groups > 1 else None)
+        bw = np.ascontiguousarray(bw)
+        drafted, verified, accepted, committed, wasted = (
+            np.empty(shape, dtype=np.int64) for _ in range(5)
+        )
+        exp_tokens, t_draft, t_upload, energy = (np.empty(shape) for _ in range(4))
+        t_ver, round_time = np.empty(n), np.empty(n)
+        straggler = np.empty(n, dtype=np.int64)
+        done = np.zeros(shape, dtype=bool)
+        ru = self._round_uniforms
+        any_done = play_extended_round(
+            lengths,
+            bw,
+            stop_logit,
+            deadline,
+            grp,
+            groups,
+            bool(cfg.proactive_drafting),
+            bool(cfg.early_stop),
+            bool(cfg.streaming_deadline),
+            self.keys,
+            self.round_index,
+            self.t_draft_s,
+            self.spectral_eff,
+            self.payload_bits,
+            *self._verification_coefficients,
+            ru.values,
+            ru.offsets(self.round_index),
+            self._accept_slot,
+            self._log_alpha,
+            self.alpha,
+            self.token_logit_mean,
+            float(cfg.token_logit_std),
+            float(cfg.confidence_noise_std),
+            int(cfg.max_draft_length),
+            self.predrafted,
+            self.remaining_tokens,
+            self._finite_requests,
+            float(cfg.draft_energy_j_per_token),
+            float(cfg.tx_power_w),
+            drafted,
+            verified,
+            accepted,
+            committed,
+            wasted,
+            exp_tokens,
+            t_draft,
+            t_upload,
+            energy,
+            t_ver,
+            round_time,
+            straggler,
+            done,
+        )
+        result = RoundResult(
+            drafted=drafted,
+            accepted=accepted,
+            committed=committed,
+            expected_tokens=exp_tokens,
+            t_draft_s=t_draft,
+            t_upload_s=t_upload,
+            t_verify_s=t_ver,
+            round_time_s=round_time,
+            straggler=straggler,
+            energy_j=energy,
+            request_done=done,
+            verified=verified,
+            wasted=wasted,
         )
         self.round_index += 1
         if any_done:

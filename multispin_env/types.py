@@ -63,6 +63,8 @@ class RoundResult:
         straggler: index of the user whose draft+upload finished last (-1 if none active).
         energy_j: device energy spent this round (drafting + transmission).
         request_done: True where the user's request finished this round.
+        verified: tokens verified per user (None: all drafted, the synchronous round).
+        wasted: drafted tokens not committed (None: drafted - accepted).
     """
 
     drafted: np.ndarray
@@ -76,6 +78,20 @@ class RoundResult:
     straggler: np.ndarray
     energy_j: np.ndarray
     request_done: np.ndarray
+    verified: np.ndarray | None = None
+    wasted: np.ndarray | None = None
+
+    @property
+    def verified_tokens(self) -> np.ndarray:
+        """Drafted tokens the server verified (all of them in the synchronous round; the
+        received prefix under deadline verification)."""
+        return self.drafted if self.verified is None else self.verified
+
+    @property
+    def wasted_tokens(self) -> np.ndarray:
+        """Drafted tokens that were not committed: rejected, never verified, or drafted
+        proactively on a wrong guess."""
+        return self.drafted - self.accepted if self.wasted is None else self.wasted
 
     @property
     def goodput_tokens_per_s(self) -> np.ndarray:
