@@ -54,7 +54,11 @@ class SolverPolicy:
             suffix = f"[{self.alpha_source},csi]"
         return f"{self.scheme}{suffix}"
 
-    def act(self, view) -> tuple[np.ndarray, np.ndarray]:
+    def act(self, view, group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths, bandwidth_hz) ``(N, K)`` for every env of ``view``.
+
+        ``group`` ``(N, K)`` (pipelined groups): each group is solved on its own, as a
+        batch of its users with the whole band (the groups upload in turn)."""
         if (self.alpha_source == "oracle" and view.oracle_alpha is None) or (
             self.oracle_csi and view.oracle_spectral_eff is None
         ):
@@ -79,26 +83,23 @@ class SolverPolicy:
         token_aware = coefficients is None or coefficients[2] != 0
         iterations = max(1, self.verification_iterations) if token_aware else 1
         for i in range(n):
-            best, best_val, guess = None, -np.inf, 4
-            for _ in range(iterations):
-                t_ver = view.verification.latency_for_batch_s(k, guess)
-                alloc = solver(alpha[i], view.t_draft_s[i], r[i], q, b, t_ver, l_max)
-                true_t_ver = view.verification.latency_for_batch_s(
-                    k, int(alloc.draft_lengths.max())
-                )
-                val = evaluate_goodput(
-                    alpha[i],
-                    view.t_draft_s[i],
-                    r[i],
-                    q,
-                    alloc.draft_lengths,
-                    alloc.bandwidth_hz,
-                    true_t_ver,
-                )
-                if val > best_val:
-                    best, best_val = alloc, val
-                if int(alloc.draft_lengths.max()) == guess:
-                    break
-                guess = int(alloc.draft_lengths.max())
-            lengths[i], bandwidth[i] = best.draft_lengths, best.bandwidth_hz
+            users = [slice(None)] if group is None else [group[i] == g for g in np.unique(group[i])]
+            for sel in users:
+                a_i, t_i, r_i = alpha[i][sel], view.t_draft_s[i][sel], r[i][sel]
+                members = len(a_i)
+                best, best_val, guess = None, -np.inf, 4
+                for _ in range(iterations):
+                    t_ver = view.verification.latency_for_batch_s(members, guess)
+                    alloc = solver(a_i, t_i, r_i, q, b, t_ver, l_max)
+                    longest = int(alloc.draft_lengths.max())
+                    true_t_ver = view.verification.latency_for_batch_s(members, longest)
+                    val = evaluate_goodput(
+                        a_i, t_i, r_i, q, alloc.draft_lengths, alloc.bandwidth_hz, true_t_ver
+                    )
+                    if val > best_val:
+                        best, best_val = alloc, val
+                    if longest == guess:
+                        break
+                    guess = longest
+                lengths[i][sel], bandwidth[i][sel] = best.draft_lengths, best.bandwidth_hz
         return lengths, bandwidth

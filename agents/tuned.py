@@ -18,6 +18,19 @@ equal_mix       the bandwidth actually given is (1 - equal_mix) B_solver + equal
 fast            Hete on a coarser grid without polish (see ``SolverPolicy.fast``): for a base
                 heuristic that runs inside the env at every step.
 
+Knobs of the extended protocols (multispin_env.protocols; ignored in the synchronous round):
+
+stop_threshold  early stop: every user's confidence threshold lambda (AdaEDL's rule: stop when
+                the drafter's confidence in the next token falls below lambda).
+cap_scale       the solver's draft lengths times this are the caps (rounded, within L_max): a
+                stop rule or a deadline cuts drafts short, so longer caps can pay.
+deadline_scale  deadline verification: the deadline is this times the heuristic's own
+                predicted straggler latency under streaming, max_k d + u + (L - 1) max(d, u).
+
+Pipelined groups: users are split into balanced groups (snake order of the predicted
+per-token draft + upload time at an equal share of the band) and each group is solved on
+its own with the whole band.
+
 With ``length_cap = L_max``, ``csi_margin = 1`` and ``equal_mix = 0`` it is the paper's
 scheme exactly (tested). A tuned heuristic is written as a spec string, for example
 ``tuned[hete,prior,cap=6,margin=0.8,mix=0.1]``, or saved as the JSON that ``multispin tune``
@@ -35,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from multispin_agents.policies import SolverPolicy
+from multispin_env.types import Decision
 
 SCHEMES = ("homo", "hete", "uni_bw")
 SOURCES = ("prior", "history")
@@ -51,6 +65,9 @@ class TunedHeuristic:
     csi_margin: float = 1.0
     equal_mix: float = 0.0
     fast: bool = False
+    stop_threshold: float = 0.5
+    cap_scale: float = 1.0
+    deadline_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -65,47 +82,91 @@ class TunedHeuristic:
             raise ValueError(f"csi_margin={self.csi_margin} must be in (0, 1]")
         if not 0.0 <= self.equal_mix <= 1.0:
             raise ValueError(f"equal_mix={self.equal_mix} must be in [0, 1]")
+        if not 0.0 <= self.stop_threshold < 1.0:
+            raise ValueError(f"stop_threshold={self.stop_threshold} must be in [0, 1)")
+        if not 0.25 <= self.cap_scale <= 4.0:
+            raise ValueError(f"cap_scale={self.cap_scale} must be in [0.25, 4]")
+        if not 0.05 <= self.deadline_scale <= 4.0:
+            raise ValueError(f"deadline_scale={self.deadline_scale} must be in [0.05, 4]")
 
     @property
     def name(self) -> str:
         # repr: the name is also the spec, and parsing it back must give the same floats
         return (
             f"tuned[{self.scheme},{self.alpha_source},cap={self.length_cap},"
-            f"margin={self.csi_margin!r},mix={self.equal_mix!r}{',fast' if self.fast else ''}]"
+            f"margin={self.csi_margin!r},mix={self.equal_mix!r}{self._protocol_suffix()}"
+            f"{',fast' if self.fast else ''}]"
         )
 
-    def act(self, view) -> tuple[np.ndarray, np.ndarray]:
+    def _protocol_suffix(self) -> str:
+        """Protocol knobs that differ from their defaults (so synchronous names stay short)."""
+        out = ""
+        for key, field_name in _PROTOCOL_KEYS.items():
+            value = getattr(self, field_name)
+            if value != _DEFAULTS[field_name]:
+                out += f",{key}={value!r}"
+        return out
+
+    def decide(self, view) -> Decision:
+        """The decision under the view's protocol (the synchronous round: :meth:`act`)."""
+        groups = getattr(view, "pipeline_groups", 1)
+        group = balanced_groups(view, groups, self.csi_margin) if groups > 1 else None
+        lengths, bandwidth = self.act(view, group)
+        early_stop = getattr(view, "early_stop", False)
+        streaming = getattr(view, "streaming_deadline", False)
+        if not (early_stop or streaming or groups > 1):
+            return Decision(lengths, bandwidth)
+        if self.cap_scale != 1.0:
+            lengths = np.clip(np.rint(lengths * self.cap_scale), 1, view.max_draft_length)
+            lengths = lengths.astype(np.int64)
+            bandwidth = self.bandwidth_for(view, lengths, group)
+        stop = np.full(lengths.shape, self.stop_threshold) if early_stop else None
+        deadline = None
+        if streaming:
+            deadline = self.deadline_scale * predicted_streaming_finish_s(
+                view, lengths, bandwidth, self.csi_margin
+            ).max(axis=1)
+        return Decision(lengths, bandwidth, stop, deadline, group)
+
+    def act(self, view, group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The allocation (lengths, bandwidth_hz); with ``group``, one solve per group."""
         planned = dataclasses.replace(
             view,
             spectral_eff_est=view.spectral_eff_est * self.csi_margin,
             max_draft_length=min(int(self.length_cap), int(view.max_draft_length)),
         )
         solver = SolverPolicy(self.scheme, self.alpha_source, fast=self.fast)
-        lengths, bandwidth = solver.act(planned)
+        lengths, bandwidth = solver.act(planned, group)
         if self.equal_mix > 0:
-            k = bandwidth.shape[1]
-            bandwidth = (1 - self.equal_mix) * bandwidth + self.equal_mix * view.bandwidth_hz / k
+            bandwidth = _mix_equal(bandwidth, self.equal_mix, view.bandwidth_hz, group)
         return lengths, bandwidth
 
-    def bandwidth_for(self, view, lengths: np.ndarray) -> np.ndarray:
+    def bandwidth_for(self, view, lengths: np.ndarray, group: np.ndarray | None = None):
         """This heuristic's bandwidth rule applied to other draft lengths ``(N, K)``: the
         latency-equalising split on the margin-scaled channel (equal shares for Uni-BW),
-        then the equal-share mix. For its own lengths it is its own bandwidth."""
+        then the equal-share mix; per pipeline group when ``group`` is given (each group
+        has the whole band). For its own lengths it is its own bandwidth."""
         from multispin_env.allocation import latency_equalising_bandwidth
 
         lengths = np.asarray(lengths)
-        k = lengths.shape[1]
-        if self.scheme == "uni_bw":
-            return np.full(lengths.shape, view.bandwidth_hz / k)
-        bandwidth, _ = latency_equalising_bandwidth(
-            lengths,
-            view.t_draft_s,
-            view.spectral_eff_est * self.csi_margin,
-            view.payload_bits,
-            view.bandwidth_hz,
-        )
+        members = [None] if group is None else [group == g for g in np.unique(group)]
+        bandwidth = np.zeros(lengths.shape)
+        for mask in members:
+            sub = lengths if mask is None else np.where(mask, lengths, 0)
+            if self.scheme == "uni_bw":
+                count = (sub > 0).sum(axis=1, keepdims=True)
+                part = np.where(sub > 0, view.bandwidth_hz / np.maximum(count, 1), 0.0)
+            else:
+                part, _ = latency_equalising_bandwidth(
+                    sub,
+                    view.t_draft_s,
+                    view.spectral_eff_est * self.csi_margin,
+                    view.payload_bits,
+                    view.bandwidth_hz,
+                )
+            bandwidth = bandwidth + (part if mask is None else np.where(mask, part, 0.0))
         if self.equal_mix > 0:
-            bandwidth = (1 - self.equal_mix) * bandwidth + self.equal_mix * view.bandwidth_hz / k
+            bandwidth = _mix_equal(bandwidth, self.equal_mix, view.bandwidth_hz, group)
         return bandwidth
 
     def to_dict(self) -> dict:
@@ -137,7 +198,7 @@ class TunedHeuristic:
                 "mix=0.1] or tuned:PATH"
             )
         fields: dict = {}
-        keys = {"cap": "length_cap", "margin": "csi_margin", "mix": "equal_mix"}
+        keys = {"cap": "length_cap", "margin": "csi_margin", "mix": "equal_mix", **_PROTOCOL_KEYS}
         for part in filter(None, (p.strip() for p in match.group("body").split(","))):
             if part in SCHEMES:
                 fields["scheme"] = part
@@ -151,11 +212,54 @@ class TunedHeuristic:
             else:
                 raise ValueError(
                     f"{spec!r}: unknown part {part!r}; parts are a scheme {SCHEMES}, a source "
-                    f"{SOURCES}, cap=INT, margin=FLOAT, mix=FLOAT, fast"
+                    f"{SOURCES}, cap=INT, margin=FLOAT, mix=FLOAT, stop=FLOAT, scale=FLOAT, "
+                    "deadline=FLOAT, fast"
                 )
         if max_draft_length is not None and "length_cap" not in fields:
             fields["length_cap"] = max_draft_length
         return TunedHeuristic(**fields)
+
+
+_PROTOCOL_KEYS = {"stop": "stop_threshold", "scale": "cap_scale", "deadline": "deadline_scale"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TunedHeuristic)}
+
+
+def _mix_equal(bandwidth, mix: float, bandwidth_hz: float, group) -> np.ndarray:
+    """(1 - mix) B_k + mix B / K_g: the equal-share hedge within each user's group."""
+    if group is None:
+        return (1 - mix) * bandwidth + mix * bandwidth_hz / bandwidth.shape[1]
+    size = np.zeros(group.shape)
+    for g in np.unique(group):
+        size = np.where(group == g, (group == g).sum(axis=1, keepdims=True), size)
+    return (1 - mix) * bandwidth + mix * bandwidth_hz / size
+
+
+def balanced_groups(view, groups: int, csi_margin: float = 1.0) -> np.ndarray:
+    """``(N, K)`` groups of equal size balanced by predicted per-token draft + upload time
+    at an equal share of the band: users sorted by that time are dealt in snake order
+    (0, 1, 1, 0, 0, 1, ... for two groups), so every group gets slow and fast users."""
+    n, k = view.t_draft_s.shape
+    share_hz = view.bandwidth_hz * groups / k
+    per_token = view.t_draft_s + view.payload_bits / (
+        share_hz * np.maximum(view.spectral_eff_est * csi_margin, 1e-9)
+    )
+    order = np.argsort(-per_token, axis=1, kind="stable")
+    rank = np.arange(k)
+    lap, seat = rank // groups, rank % groups
+    snake = np.where(lap % 2 == 0, seat, groups - 1 - seat)
+    group = np.empty((n, k), dtype=np.int64)
+    np.put_along_axis(group, order, np.broadcast_to(snake, (n, k)), axis=1)
+    return group
+
+
+def predicted_streaming_finish_s(view, lengths, bandwidth_hz, csi_margin: float = 1.0):
+    """When each user's last token would reach the server under streaming, on the
+    server's (margin-scaled) channel estimate: d + u + (L - 1) max(d, u); 0 for L = 0."""
+    d = view.t_draft_s
+    rate = np.maximum(bandwidth_hz * view.spectral_eff_est * csi_margin, 1e-300)
+    u = view.payload_bits / rate
+    finish = d + u + (lengths - 1) * np.maximum(d, u)
+    return np.where(lengths > 0, finish, 0.0)
 
 
 def load_tuned(path: str | Path) -> TunedHeuristic:

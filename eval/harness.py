@@ -25,6 +25,7 @@ from multispin_env.env import resolve_scenario
 from multispin_env.episodes import BatchedEpisodes, EnvOptions, split_kwargs
 from multispin_env.registration import resolve_env_id
 from multispin_env.rng import new_keys
+from multispin_env.types import Decision
 from multispin_eval.stats import ci95_halfwidth
 
 
@@ -36,10 +37,11 @@ class EpisodeMetrics:
     jain: np.ndarray
     draft_frac: np.ndarray
     upload_frac: np.ndarray
-    verify_frac: np.ndarray
+    verify_frac: np.ndarray  # server busy fraction (verification time / elapsed)
     mean_round_s: np.ndarray
     mean_draft_length: np.ndarray
     energy_j_per_token: np.ndarray
+    wasted_per_token: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
@@ -54,6 +56,9 @@ class EpisodeMetrics:
             "round_ms": float(1e3 * self.mean_round_s.mean()),
             "draft_length": float(self.mean_draft_length.mean()),
             "energy_j_per_token": float(self.energy_j_per_token.mean()),
+            "wasted_per_token": float("nan")
+            if self.wasted_per_token is None
+            else float(self.wasted_per_token.mean()),
         }
 
 
@@ -67,7 +72,10 @@ class SolverController:
         self.name = policy.name
 
     def decide(self, episodes: BatchedEpisodes):
-        return self.policy.act(episodes.server_view())
+        view = episodes.server_view()
+        if hasattr(self.policy, "decide"):  # a tuned heuristic knows the protocol's levers
+            return self.policy.decide(view)
+        return self.policy.act(view)
 
 
 class LearnedController:
@@ -100,7 +108,7 @@ class LearnedController:
         if self.obs_norm is not None:
             obs = self.obs_norm.normalize_obs(obs)
         actions, _ = self.model.predict(obs, deterministic=True)
-        return episodes.codec.decode(actions, episodes.context())
+        return episodes.codec.decode_decision(episodes.codec.check(actions), episodes.context())
 
 
 class BundleController:
@@ -119,7 +127,8 @@ class BundleController:
         if not self._checked:  # the env's observation layout must be the policy's
             self.bundle.check_features(episodes.spec.feature_names)
             self._checked = True
-        return episodes.codec.decode(self.bundle.act(episodes.observe()), episodes.context())
+        actions = episodes.codec.check(self.bundle.act(episodes.observe()))
+        return episodes.codec.decode_decision(actions, episodes.context())
 
 
 def scenario_for(env_id: str, env_kwargs: dict | None = None) -> tuple[ScenarioConfig, dict]:
@@ -152,12 +161,15 @@ def run_episodes(
     user_tokens = np.zeros((n, k))
     split = np.zeros((n, 3))
     time_s, rounds, lengths_sum, energy = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    wasted = np.zeros(n)
     done = np.zeros(n, dtype=bool)
     goodput = np.zeros(n)
     rows = np.arange(n)
     while not done.all():
-        lengths, bandwidth = controller.decide(episodes)
-        _, truncated, s = episodes.step_allocation(lengths, bandwidth, validate=True)
+        decision = controller.decide(episodes)
+        if not isinstance(decision, Decision):
+            decision = Decision(*decision)
+        _, truncated, s = episodes.step_decision(decision, validate=True)
         live = ~done
         inside = s["inside_horizon"] * live
         user_tokens += inside[:, None] * s["committed"]
@@ -169,6 +181,7 @@ def run_episodes(
         rounds += live
         lengths_sum += live * s["draft_lengths"].mean(axis=1)
         energy += inside * s["energy_j"]
+        wasted += inside * s["wasted"].sum(axis=1)
         newly = truncated & ~done
         goodput[newly] = s["episode_goodput_tokens_per_s"][newly]
         done |= truncated
@@ -183,4 +196,5 @@ def run_episodes(
         mean_round_s=time_s / rounds,
         mean_draft_length=lengths_sum / rounds,
         energy_j_per_token=energy / np.maximum(tokens, 1),
+        wasted_per_token=wasted / np.maximum(tokens, 1),
     )

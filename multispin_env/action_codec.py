@@ -23,6 +23,19 @@ modes
                           the heuristic and RL only has to improve on it. (Bandwidth is not a
                           policy output here: exploring it scatters the round's straggler.)
 
+Extended protocols (multispin_env.protocols) append their levers to a Box mode's action, in
+this order (``ProtocolLevers``); discrete modes do not take them:
+
+    stop threshold  K_max entries: lambda_k = 0.475 (a + 1) in [0, 0.95]; with ``residual``,
+                    lambda_k = clip(lambda_base + 0.25 a, 0, 0.95).
+    deadline        1 entry: D = (0.2 + 0.4 (a + 1)) x the predicted time the last token of
+                    the decoded allocation reaches the server under streaming (so D is in
+                    [0.2, 1] of waiting for all); with ``residual``, D = D_base exp(0.5 a).
+    group           K_max entries: group = floor((a + 1) G / 2) in [0, G); with ``residual``,
+                    the base's group moved to the next one where a > 0.5.
+    With groups, bandwidth shares sum to B within each group (``full``: the softmax is taken
+    per group; the other modes split each group's band by their rule).
+
 Slots beyond the K active users are ignored. Box entries outside [-1, 1] are clipped;
 discrete actions must be integers (or integral floats) in range: anything else raises,
 naming the expected shape or range (see :meth:`ActionCodec.check`).
@@ -38,6 +51,7 @@ from gymnasium import spaces
 
 from multispin_env._jit import kernel
 from multispin_env.allocation import latency_equalising_bandwidth
+from multispin_env.types import Decision
 
 SHARE_TEMPERATURE = 1.5
 MODES = (
@@ -66,8 +80,9 @@ class DecisionContext:
         bandwidth_hz: total uplink bandwidth B.
         base_lengths, base_bandwidth_hz: ``(N, K)`` the base heuristic's allocation (the
             ``residual`` mode corrects it; None otherwise).
-        base_bandwidth_for: the base's bandwidth rule, ``lengths (N, K) -> Hz (N, K)``, for
-            corrected lengths.
+        base_bandwidth_for: the base's bandwidth rule, ``(lengths (N, K), group=None) ->
+            Hz (N, K)``, for corrected lengths (and groups).
+        base_stop_threshold, base_deadline_s, base_group: the base's protocol levers.
     """
 
     spectral_eff_est: np.ndarray
@@ -76,7 +91,10 @@ class DecisionContext:
     bandwidth_hz: float
     base_lengths: np.ndarray | None = None
     base_bandwidth_hz: np.ndarray | None = None
-    base_bandwidth_for: Callable[[np.ndarray], np.ndarray] | None = None
+    base_bandwidth_for: Callable[..., np.ndarray] | None = None
+    base_stop_threshold: np.ndarray | None = None
+    base_deadline_s: np.ndarray | None = None
+    base_group: np.ndarray | None = None
 
 
 @kernel
@@ -143,24 +161,57 @@ def _index(where: np.ndarray, single: bool) -> str:
     return f"env {int(where[0])}, index {tuple(int(i) for i in where[1:])}"
 
 
+@dataclass(frozen=True)
+class ProtocolLevers:
+    """Which extended-protocol levers an action carries (see the module docstring)."""
+
+    stop: bool = False
+    deadline: bool = False
+    groups: int = 1
+
+    @classmethod
+    def of(cls, config) -> ProtocolLevers:
+        return cls(config.early_stop, config.streaming_deadline, config.pipeline_groups)
+
+    @property
+    def any(self) -> bool:
+        return self.stop or self.deadline or self.groups > 1
+
+    def width(self, max_users: int) -> int:
+        return max_users * (self.stop + (self.groups > 1)) + int(self.deadline)
+
+
 class ActionCodec:
     """Decode policy actions into (draft lengths, bandwidth in Hz); see module docstring."""
 
-    def __init__(self, mode: str, max_users: int, max_draft_length: int) -> None:
+    def __init__(
+        self,
+        mode: str,
+        max_users: int,
+        max_draft_length: int,
+        levers: ProtocolLevers = ProtocolLevers(),
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"action mode {mode!r} is not one of {MODES}")
         if max_users < 1 or max_draft_length < 1:
             raise ValueError("max_users and max_draft_length must be >= 1")
+        if levers.any and mode.endswith("_discrete"):
+            raise ValueError(
+                f"action mode {mode!r} cannot carry the extended protocol's levers; use a Box "
+                "mode (residual, full, lengths or homogeneous)"
+            )
         self.mode, self.max_users, self.max_draft_length = mode, max_users, max_draft_length
+        self.levers = levers
         l_max = max_draft_length
-        self.space: spaces.Space = {
-            "full": spaces.Box(-1.0, 1.0, (2 * max_users,), dtype=np.float32),
-            "residual": spaces.Box(-1.0, 1.0, (max_users,), dtype=np.float32),
-            "lengths": spaces.Box(-1.0, 1.0, (max_users,), dtype=np.float32),
-            "lengths_discrete": spaces.MultiDiscrete(np.full(max_users, l_max)),
-            "homogeneous": spaces.Box(-1.0, 1.0, (1,), dtype=np.float32),
-            "homogeneous_discrete": spaces.Discrete(l_max),
-        }[mode]
+        self.base_width = {"full": 2 * max_users, "homogeneous": 1}.get(mode, max_users)
+        width = self.base_width + levers.width(max_users)
+        self.space: spaces.Space = (
+            spaces.MultiDiscrete(np.full(max_users, l_max))
+            if mode == "lengths_discrete"
+            else spaces.Discrete(l_max)
+            if mode == "homogeneous_discrete"
+            else spaces.Box(-1.0, 1.0, (width,), dtype=np.float32)
+        )
 
     def check(self, action, num_envs: int | None = None, single: bool = False) -> np.ndarray:
         """``action`` validated and batched to ``(N,) + space.shape``, in a dtype the kernels
@@ -244,8 +295,60 @@ class ActionCodec:
         """Batch of actions -> (lengths ``(N, K)`` int64, bandwidth ``(N, K)`` Hz)."""
         return self.decode_checked(self.check(action), ctx)
 
-    def decode_checked(self, a: np.ndarray, ctx: DecisionContext):
-        """:meth:`decode` of an action already passed through :meth:`check`."""
+    def decode_decision(self, a: np.ndarray, ctx: DecisionContext) -> Decision:
+        """A checked batch of actions -> a :class:`Decision` with the protocol's levers."""
+        if not self.levers.any:
+            return Decision(*self.decode_checked(a, ctx))
+        lev, n, k = self.levers, *ctx.spectral_eff_est.shape
+        a = np.clip(a, -1.0, 1.0)
+        residual = self.mode == "residual"
+        if residual and ctx.base_lengths is None:
+            self.decode_checked(a, ctx)  # raises the missing-base error
+        offset = self.base_width
+        stop = deadline = group = None
+        if lev.stop:
+            raw = a[:, offset : offset + k].astype(np.float64)
+            offset += self.max_users
+            if residual:
+                stop = np.clip(ctx.base_stop_threshold + 0.25 * raw, 0.0, 0.95)
+            else:
+                stop = 0.475 * (raw + 1.0)
+        if lev.deadline:
+            raw_deadline = a[:, offset].astype(np.float64)
+            offset += 1
+        if lev.groups > 1:
+            raw = a[:, offset : offset + k]
+            if residual:
+                group = (ctx.base_group + (raw > 0.5)) % lev.groups
+            else:
+                group = np.minimum(np.floor((raw + 1.0) * lev.groups / 2), lev.groups - 1)
+            group = group.astype(np.int64)
+        if residual:
+            lengths, bandwidth = self.decode_checked(a[:, : self.base_width], ctx, group)
+        elif self.mode == "full" and group is not None:
+            lengths, bandwidth = self.decode_checked(a[:, : self.base_width], ctx)
+            totals = np.zeros((n, k))
+            for g in range(lev.groups):
+                mask = group == g
+                total = np.where(mask, bandwidth, 0.0).sum(axis=1, keepdims=True)
+                totals = np.where(mask, total, totals)
+            bandwidth = bandwidth / totals * ctx.bandwidth_hz
+        else:
+            lengths, bandwidth = self.decode_checked(a[:, : self.base_width], ctx, group)
+        if lev.deadline:
+            if residual:
+                deadline = ctx.base_deadline_s * np.exp(0.5 * raw_deadline)
+            else:
+                rate = np.maximum(bandwidth * ctx.spectral_eff_est, 1e-300)
+                u = ctx.payload_bits / rate
+                d = ctx.t_draft_s
+                last = (d + u + (lengths - 1) * np.maximum(d, u)).max(axis=1)
+                deadline = (0.2 + 0.4 * (raw_deadline + 1.0)) * last
+        return Decision(lengths, bandwidth, stop, deadline, group)
+
+    def decode_checked(self, a: np.ndarray, ctx: DecisionContext, group=None):
+        """:meth:`decode` of an action already passed through :meth:`check` (allocation
+        only; ``group`` splits the band per pipeline group)."""
         n, k = ctx.spectral_eff_est.shape
         if a.shape[0] != n:
             raise ValueError(f"got {a.shape[0]} actions for {n} environments")
@@ -276,8 +379,15 @@ class ActionCodec:
             )
             bandwidth = np.array(ctx.base_bandwidth_hz, dtype=np.float64)
             changed = np.any(lengths != base_lengths, axis=1)
+            if group is not None:
+                changed |= np.any(group != ctx.base_group, axis=1)
             if changed.any():
-                bandwidth[changed] = ctx.base_bandwidth_for(lengths)[changed]
+                fresh = (
+                    ctx.base_bandwidth_for(lengths)
+                    if group is None
+                    else ctx.base_bandwidth_for(lengths, group)
+                )
+                bandwidth[changed] = fresh[changed]
             return lengths, bandwidth
         if self.mode == "lengths":
             lengths = _box_to_length(a[:, :k], l_max)
@@ -288,9 +398,22 @@ class ActionCodec:
             _box_lengths_kernel(np.ascontiguousarray(a), 1, l_max, lengths)
         else:
             lengths = np.repeat(a.reshape(n, 1) + 1, k, axis=1)
-        bandwidth, _ = latency_equalising_bandwidth(
-            lengths, ctx.t_draft_s, ctx.spectral_eff_est, ctx.payload_bits, ctx.bandwidth_hz
-        )
+        if group is None:
+            bandwidth, _ = latency_equalising_bandwidth(
+                lengths, ctx.t_draft_s, ctx.spectral_eff_est, ctx.payload_bits, ctx.bandwidth_hz
+            )
+            return lengths, bandwidth
+        bandwidth = np.zeros((n, k))
+        for g in np.unique(group):
+            mask = group == g
+            part, _ = latency_equalising_bandwidth(
+                np.where(mask, lengths, 0),
+                ctx.t_draft_s,
+                ctx.spectral_eff_est,
+                ctx.payload_bits,
+                ctx.bandwidth_hz,
+            )
+            bandwidth = np.where(mask, part, bandwidth)
         return lengths, bandwidth
 
     def encode(self, lengths, bandwidth_hz=None) -> np.ndarray:
@@ -300,6 +423,8 @@ class ActionCodec:
         largest/smallest ratio is within e^(2 * SHARE_TEMPERATURE). ``homogeneous`` modes
         take the first user's length.
         """
+        if self.levers.any:
+            raise ValueError("encode covers allocations only, not an extended protocol's levers")
         lengths = np.atleast_2d(np.asarray(lengths))
         n, k = lengths.shape
         l_max = self.max_draft_length

@@ -168,10 +168,11 @@ class ScenarioConfig:
     early_stop: bool = False
     """Protocol switch: confidence-based early stop (AdaEDL). Each user gets a cap and a
     confidence threshold; acceptance becomes token level (see multispin_env.protocols)."""
-    token_logit_std: float = 1.5
+    token_logit_std: float = 0.73
     """Token-level acceptance: std of the per-token acceptance logit around the request's
-    mean (only with early_stop; fitted on a real pair by multispin_eval.fit_token_model)."""
-    confidence_noise_std: float = 1.0
+    mean (only with early_stop). Default: the fit on the built-in pair,
+    results/token_model/builtin_pair.json (python -m multispin_eval.fit_token_model)."""
+    confidence_noise_std: float = 1.81
     """Token-level acceptance: std of the noise between the drafter's confidence logit and
     the token's acceptance logit (0: the drafter knows exactly; only with early_stop)."""
     streaming_deadline: bool = False

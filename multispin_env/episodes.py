@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from multispin_env._jit import kernel
-from multispin_env.action_codec import MODES, ActionCodec, DecisionContext
+from multispin_env.action_codec import MODES, ActionCodec, DecisionContext, ProtocolLevers
 from multispin_env.config import MAX_USERS, ScenarioConfig, check_type
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.simulator import MultiSpinSimulator
+from multispin_env.types import Decision
 
 REWARD_COMPONENTS = ("tokens", "time", "energy")
 _SORTED_COMPONENTS = tuple(sorted(REWARD_COMPONENTS))  # energy, time, tokens
@@ -47,6 +48,9 @@ class ServerView:
     verification: object
     oracle_alpha: np.ndarray | None  # None where the truth is unknown (live)
     oracle_spectral_eff: np.ndarray | None
+    early_stop: bool = False  # the protocol switches (multispin_env.protocols)
+    streaming_deadline: bool = False
+    pipeline_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,10 @@ class BatchedEpisodes:
     def __init__(self, config: ScenarioConfig, options: EnvOptions, num_envs: int) -> None:
         self.config, self.options, self.num_envs = config, options, num_envs
         self.sim = MultiSpinSimulator(config, num_envs)
-        self.codec = ActionCodec(options.action_mode, options.max_users, config.max_draft_length)
+        self.levers = ProtocolLevers.of(config)
+        self.codec = ActionCodec(
+            options.action_mode, options.max_users, config.max_draft_length, self.levers
+        )
         self.spec = ObservationSpec(
             max_users=options.max_users,
             max_draft_length=config.max_draft_length,
@@ -185,6 +192,7 @@ class BatchedEpisodes:
             bandwidth_hz=config.bandwidth_hz,
             observe_true_alpha=options.observe_true_alpha,
             observe_base=options.base_policy is not None,
+            levers=self.levers,
         )
         self.base = None
         if options.base_policy is not None:
@@ -215,10 +223,15 @@ class BatchedEpisodes:
 
     def base_allocation(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The base heuristic's (lengths, bandwidth) for the current state of every env."""
+        decision = self.base_decision()
+        return None if decision is None else (decision.draft_lengths, decision.bandwidth_hz)
+
+    def base_decision(self) -> Decision | None:
+        """The base heuristic's decision (with the protocol's levers) for the current state."""
         if self.base is None:
             return None
         if self._base_allocation is None:
-            self._base_allocation = self.base.act(self.server_view())
+            self._base_allocation = self.base.decide(self.server_view())
         return self._base_allocation
 
     def reset(self, keys: np.ndarray, env_ids: np.ndarray) -> None:
@@ -247,43 +260,43 @@ class BatchedEpisodes:
                 self.config.bandwidth_hz,
             )
         view = self.server_view()
-        base_lengths, base_bandwidth = self.base_allocation()
+        base = self.base_decision()
         return DecisionContext(
             view.spectral_eff_est,
             view.t_draft_s,
             view.payload_bits,
             view.bandwidth_hz,
-            base_lengths,
-            base_bandwidth,
-            lambda lengths: self.base.bandwidth_for(view, lengths),
+            base.draft_lengths,
+            base.bandwidth_hz,
+            lambda lengths, group=None: self.base.bandwidth_for(view, lengths, group),
+            base.stop_threshold,
+            base.deadline_s,
+            base.group,
         )
 
     def observe(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Observations of all envs, or of ``rows`` only (e.g. envs just reset)."""
         sim, hist = self.sim, self.history
-        base = self.base_allocation()
-        if rows is None:
-            return build_observation(
-                self.spec,
-                hist,
-                sim.spectral_eff_estimate,
-                sim.t_draft_s,
-                sim.task_alpha_mean,
-                self.elapsed_s / self.options.horizon_s,
-                alpha_true=sim.alpha if self.options.observe_true_alpha else None,
-                base_lengths=None if base is None else base[0],
-                base_bandwidth_hz=None if base is None else base[1],
-            )
+        base = self.base_decision()
+        pick = (lambda x: x) if rows is None else (lambda x: None if x is None else x[rows])
+        protocol = None
+        if self.levers.any:
+            protocol = {"predrafted": pick(sim.predrafted)}
+            if base is not None:
+                protocol["base_stop"] = pick(base.stop_threshold)
+                protocol["base_group"] = pick(base.group)
+                protocol["base_deadline"] = pick(base.deadline_s)
         return build_observation(
             self.spec,
-            hist.rows(rows),
-            sim.spectral_eff_estimate[rows],
-            sim.t_draft_s[rows],
-            sim.task_alpha_mean[rows],
-            self.elapsed_s[rows] / self.options.horizon_s,
-            alpha_true=sim.alpha[rows] if self.options.observe_true_alpha else None,
-            base_lengths=None if base is None else base[0][rows],
-            base_bandwidth_hz=None if base is None else base[1][rows],
+            hist if rows is None else hist.rows(rows),
+            pick(sim.spectral_eff_estimate),
+            pick(sim.t_draft_s),
+            pick(sim.task_alpha_mean),
+            pick(self.elapsed_s) / self.options.horizon_s,
+            alpha_true=pick(sim.alpha) if self.options.observe_true_alpha else None,
+            base_lengths=None if base is None else pick(base.draft_lengths),
+            base_bandwidth_hz=None if base is None else pick(base.bandwidth_hz),
+            protocol=protocol,
         )
 
     def server_view(self) -> ServerView:
@@ -300,6 +313,9 @@ class BatchedEpisodes:
             verification=self.config.verification_model,
             oracle_alpha=sim.alpha,
             oracle_spectral_eff=sim.spectral_eff,
+            early_stop=self.config.early_stop,
+            streaming_deadline=self.config.streaming_deadline,
+            pipeline_groups=self.config.pipeline_groups,
         )
 
     def step(self, actions, single: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -310,13 +326,25 @@ class BatchedEpisodes:
         expected shape or range in those terms.
         """
         checked = self.codec.check(actions, None if single else self.num_envs, single=single)
-        lengths, bandwidth = self.codec.decode_checked(checked, self.context())
-        return self.step_allocation(lengths, bandwidth, validate=False)
+        if not self.levers.any:
+            lengths, bandwidth = self.codec.decode_checked(checked, self.context())
+            return self.step_allocation(lengths, bandwidth, validate=False)
+        decision = self.codec.decode_decision(checked, self.context())
+        return self.step_decision(decision, validate=False)
 
-    def step_allocation(self, lengths, bandwidth, validate: bool = True):
-        """Play one round with an allocation given directly (baselines, live replays)."""
+    def step_decision(self, decision: Decision, validate: bool = True):
+        """Play one round with a :class:`Decision` (allocation plus protocol levers)."""
+        return self.step_allocation(
+            decision.draft_lengths, decision.bandwidth_hz, validate, **decision.levers()
+        )
+
+    def step_allocation(self, lengths, bandwidth, validate: bool = True, **levers):
+        """Play one round with an allocation given directly (baselines, live replays);
+        ``levers``: the extended protocol's ``stop_threshold``/``deadline_s``/``group``."""
         r_decided = self.sim.spectral_eff_estimate  # replaced by the next round's in step()
-        res = self.sim.step(lengths, bandwidth, validate=validate)
+        if levers:
+            levers = {key: value for key, value in levers.items() if value is not None}
+        res = self.sim.step(lengths, bandwidth, validate=validate, **levers)
         self._base_allocation = None  # a new state: the base decides afresh
         horizon = self.options.horizon_s
         n = self.num_envs
@@ -345,7 +373,7 @@ class BatchedEpisodes:
             episode_goodput,
         )
         self.history.update(
-            res.drafted,
+            res.verified_tokens,  # the server sees only what reached it
             res.accepted,
             bandwidth / self.config.bandwidth_hz,
             res.round_time_s,
@@ -370,6 +398,12 @@ class BatchedEpisodes:
             "committed": res.committed,
             "energy_j": energy,
         }
+        summary["wasted"] = res.wasted_tokens
+        if self.levers.any:
+            summary["verified"] = res.verified_tokens
+            summary["predrafted"] = self.sim.predrafted.copy()
+            for key, value in levers.items():
+                summary[key] = value
         return reward, truncated, summary
 
 

@@ -24,10 +24,18 @@ per user slot k (``USER_FEATURES``, in this order)
     [base_length]     only with a base heuristic (``residual`` actions): its draft length
                       for this round / L_max
     [base_share]      ... and its bandwidth share x K, clipped to [0, 10]
+    [base_stop]       early stop with a base: the base's confidence threshold
+    [predrafted]      pipelined groups: tokens the device has drafted ahead / L_max
+    [base_group]      pipelined groups with a base: the base's group / (G - 1)
 global (``GLOBAL_FEATURES``)
     active_frac       active users / K_max
     last_round_time   last round time / (L_max t_ref_s), clipped to [0, 10]
     horizon_frac      elapsed / episode horizon, capped at 1
+    [base_deadline]   deadline verification with a base: its deadline / (L_max t_ref_s),
+                      clipped to [0, 10]
+
+Under the extended protocols the history records what reached the server: under deadline
+verification ``last_drafted`` is the verified prefix, under early stop the drafted length.
 """
 
 from __future__ import annotations
@@ -88,6 +96,23 @@ class ObservationSpec:
     bandwidth_hz: float
     observe_true_alpha: bool = False
     observe_base: bool = False
+    levers: object = None  # action_codec.ProtocolLevers of an extended protocol
+
+    @property
+    def protocol_user_features(self) -> tuple[str, ...]:
+        lev = self.levers
+        if lev is None:
+            return ()
+        out = ("base_stop",) if lev.stop and self.observe_base else ()
+        if lev.groups > 1:
+            out += ("predrafted",) + (("base_group",) if self.observe_base else ())
+        return out
+
+    @property
+    def global_features(self) -> tuple[str, ...]:
+        lev = self.levers
+        extra = ("base_deadline",) if lev is not None and lev.deadline and self.observe_base else ()
+        return GLOBAL_FEATURES + extra
 
     @property
     def user_features(self) -> tuple[str, ...]:
@@ -95,20 +120,27 @@ class ObservationSpec:
             USER_FEATURES
             + (("alpha_true",) if self.observe_true_alpha else ())
             + (BASE_FEATURES if self.observe_base else ())
+            + self.protocol_user_features
         )
 
     @property
     def size(self) -> int:
-        return self.max_users * len(self.user_features) + len(GLOBAL_FEATURES)
+        return self.max_users * len(self.user_features) + len(self.global_features)
 
     @property
     def feature_names(self) -> list[str]:
         names = [f"user{k}.{f}" for k in range(self.max_users) for f in self.user_features]
-        return names + list(GLOBAL_FEATURES)
+        return names + list(self.global_features)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         high_user = np.array([_UPPER.get(f, 1.0) for f in self.user_features], dtype=np.float32)
-        high_global = np.array([1.0, 10.0, 1.0], dtype=np.float32)
+        high_global = np.array(
+            [
+                {"last_round_time": 10.0, "base_deadline": 10.0}.get(f, 1.0)
+                for f in self.global_features
+            ],
+            dtype=np.float32,
+        )
         high = np.concatenate([np.tile(high_user, self.max_users), high_global])
         return np.zeros_like(high), high
 
@@ -239,11 +271,14 @@ def build_observation(
     alpha_true=None,
     base_lengths=None,
     base_bandwidth_hz=None,
+    protocol: dict | None = None,
 ) -> np.ndarray:
     """Observation array ``(N, spec.size)`` from server-side quantities ``(N, K)``.
 
     K (active users) may be below ``spec.max_users``; the remaining slots are zero.
     ``base_*`` (with ``spec.observe_base``) are a base heuristic's allocation this round.
+    ``protocol``: the extended protocol's inputs by feature name (``base_stop``,
+    ``predrafted`` in tokens, ``base_group``, ``base_deadline`` in seconds).
     """
     r_hat = np.ascontiguousarray(spectral_eff_est, dtype=np.float64)
     n, k = r_hat.shape
@@ -283,7 +318,30 @@ def build_observation(
         float(spec.max_draft_length),
         out,
     )
+    if spec.levers is not None and spec.levers.any:
+        _protocol_features(spec, protocol or {}, out, n, k)
     return out
+
+
+def _protocol_features(spec: ObservationSpec, values: dict, out, n: int, k: int) -> None:
+    """Write the extended protocol's features (layout in the module docstring)."""
+    names = spec.user_features
+    width = len(names)
+    users = out[:, : spec.max_users * width].reshape(n, spec.max_users, width)
+    scale = {
+        "base_stop": 1.0,
+        "predrafted": 1.0 / spec.max_draft_length,
+        "base_group": 1.0 / max(getattr(spec.levers, "groups", 2) - 1, 1),
+    }
+    for name in spec.protocol_user_features:
+        if name not in values:
+            raise ValueError(f"the observation needs {name!r} for this protocol")
+        users[:, :k, names.index(name)] = np.clip(np.asarray(values[name]) * scale[name], 0, 1)
+    if "base_deadline" in spec.global_features:
+        if "base_deadline" not in values:
+            raise ValueError("the observation needs 'base_deadline' for this protocol")
+        t_scale = spec.max_draft_length * spec.t_ref_s
+        out[:, -1] = np.clip(np.asarray(values["base_deadline"]) / t_scale, 0.0, 10.0)
 
 
 @kernel

@@ -41,7 +41,8 @@ Pipelined groups (``pipeline_groups`` = G >= 2; SpecEdge, arXiv 2505.17052)
     group g only: its bandwidth shares sum to B) while the server verifies group g - 1
     (V_{g-1}, cyclic). Steady state: cycle = sum_g max(DU_g, V_{g-1}) against DU + V of one
     synchronous round. With ``proactive_drafting`` a device keeps drafting while it waits
-    for its own verification, during the next phase (length W): for the first V_g seconds
+    for its next phase, W = cycle - max(DU_g, V_{g-1}) (the other groups' phases; its own
+    verification V_g runs at the start of phase g + 1): for the first V_g seconds
     it drafts from the guess "whole draft accepted and the verifier's bonus token is my
     top token" (kept only if that holds: the bonus position is drawn like any other
     token), then, once the result is back, from the true context. It starts the next cycle
@@ -57,6 +58,8 @@ transmit power times the upload time of the tokens that were uploaded.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -108,12 +111,25 @@ def _token_draw(key, round_index, position, user, logit_mean, logit_std, noise_s
 
 
 def logit_mean_for(alpha: np.ndarray, logit_std: float) -> np.ndarray:
-    """m with E[sigmoid(m + s Z)] = alpha, Z ~ N(0, 1) (Gauss-Hermite table, inverted)."""
-    nodes, weights = np.polynomial.hermite_e.hermegauss(64)
-    weights = weights / weights.sum()
-    grid = np.linspace(-30.0, 30.0, 6001)
-    means = (1.0 / (1.0 + np.exp(-(grid[:, None] + logit_std * nodes[None, :])))) @ weights
+    """m with E[sigmoid(m + s Z)] = alpha, Z ~ N(0, 1) (a cached table, inverted)."""
+    grid, means = _mean_table(float(logit_std))
     return np.interp(np.asarray(alpha, dtype=np.float64), means, grid)
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_table(logit_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """E[sigmoid(m + s Z)] on a grid of m wide enough for alpha in [1e-3, 1 - 1e-6], by the
+    trapezoid rule on a fine z grid (Gauss-Hermite misses the steep sigmoid of a large s)."""
+    z = np.linspace(-9.0, 9.0, 3601)
+    weights = np.exp(-0.5 * z * z)
+    weights /= weights.sum()
+    half_width = 16.0 + 9.0 * logit_std
+    grid = np.linspace(-half_width, half_width, 4001)
+    means = np.empty_like(grid)
+    for start in range(0, grid.size, 500):  # in blocks: a 4001 x 3601 matrix is 115 MB
+        block = grid[start : start + 500, None] + logit_std * z[None, :]
+        means[start : start + 500] = (0.5 * (1.0 + np.tanh(0.5 * block))) @ weights
+    return grid, means
 
 
 @kernel

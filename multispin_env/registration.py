@@ -9,6 +9,10 @@ request churn (geometric requests of 256 tokens on average) and CSI error (std 0
 of the paper preset. ``RealisticLlama2-v0`` adds token-aware verification cost and energy.
 ``DemoPairCPU-v0`` is the profile ``multispin calibrate`` measured from the built-in live pair.
 
+Extended protocols (``multispin_env.protocols``): ``PaperLlama2EarlyStop-v0``,
+``PaperLlama2Deadline-v0``, ``PaperLlama2Pipeline-v0`` (two groups, proactive drafting) and the
+same three over ``RealisticLlama2``.
+
 ``gym.make_vec(id, n)`` builds the native batched env (``vector_entry_point``, SAME_STEP
 autoreset). ``vectorization_mode="sync"``/``"async"`` use Gymnasium's NEXT_STEP autoreset
 unless ``vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}`` is passed; see
@@ -31,6 +35,18 @@ ENV_IDS: dict[str, tuple[str, dict]] = {
     # rounds take ~25 ms there, so a 3 s horizon keeps episodes at ~120 rounds
     "multispin/DemoPairCPU-v0": ("demo-pair-cpu", {"horizon_s": 3.0}),
 }
+# the extended protocols (multispin_env.protocols) over the paper and realistic scenarios
+PROTOCOLS = {
+    "EarlyStop": {"early_stop": True},
+    "Deadline": {"streaming_deadline": True},
+    "Pipeline": {"pipeline_groups": 2},
+}
+for _name, (_preset, _base) in (
+    ("PaperLlama2", ("paper-llama2", {})),
+    ("RealisticLlama2", ("realistic-llama2", {})),
+):
+    for _protocol, _switches in PROTOCOLS.items():
+        ENV_IDS[f"multispin/{_name}{_protocol}-v0"] = (_preset, {**_base, **_switches})
 
 
 def resolve_env_id(name: str) -> tuple[str, dict]:

@@ -44,6 +44,34 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """A round's decision under any protocol: the allocation plus the extended protocols'
+    levers (None where the protocol does not have them; see multispin_env.protocols).
+
+    Attributes:
+        draft_lengths: ``(N, K)`` draft lengths (caps under early stop or a deadline).
+        bandwidth_hz: ``(N, K)`` bandwidth in Hz (summing to B per pipeline group).
+        stop_threshold: ``(N, K)`` early-stop confidence thresholds in [0, 1).
+        deadline_s: ``(N,)`` verification deadlines in seconds after the round starts.
+        group: ``(N, K)`` pipeline group of each user.
+    """
+
+    draft_lengths: np.ndarray
+    bandwidth_hz: np.ndarray
+    stop_threshold: np.ndarray | None = None
+    deadline_s: np.ndarray | None = None
+    group: np.ndarray | None = None
+
+    def levers(self) -> dict:
+        """The extended-protocol keyword arguments of ``MultiSpinSimulator.step``."""
+        return {
+            "stop_threshold": self.stop_threshold,
+            "deadline_s": self.deadline_s,
+            "group": self.group,
+        }
+
+
+@dataclass(frozen=True)
 class RoundResult:
     """What happened in one synchronous round (draft -> upload -> wait -> verify -> accept).
 
