@@ -157,6 +157,27 @@ def _latency(v):
     return "must be {'median': us, 'p95': us} with positive numbers"
 
 
+def _levers(v):
+    if (
+        isinstance(v, dict)
+        and set(v) == {"stop", "deadline", "groups"}
+        and isinstance(v["stop"], bool)
+        and isinstance(v["deadline"], bool)
+        and isinstance(v["groups"], int)
+        and not isinstance(v["groups"], bool)
+        and 1 <= v["groups"] <= 8
+    ):
+        return None
+    return "must be {'stop': bool, 'deadline': bool, 'groups': int in [1, 8]}"
+
+
+def lever_action_size(levers: dict | None, max_users: int) -> int:
+    """Action values an extended protocol's levers add (see multispin_env.action_codec)."""
+    if not levers:
+        return 0
+    return max_users * (int(levers["stop"]) + int(levers["groups"] > 1)) + int(levers["deadline"])
+
+
 # name -> (required, check)
 FIELDS = {
     "format": (True, _one_of((BUNDLE_FORMAT,))),
@@ -174,6 +195,7 @@ FIELDS = {
     "versions": (True, _versions),
     "parity_max_abs_diff": (False, _parity),
     "decision_latency_us": (False, _latency),
+    "protocol_levers": (False, _levers),
     "onnx_sha256": (True, _sha256),
     "integrity_sha256": (True, _sha256),
 }
@@ -243,11 +265,12 @@ def validate_sidecar(meta, where: str = "policy.json") -> dict:
         if problem:
             raise BundleError(f"{where}: field {name!r} = {meta[name]!r} {problem}")
     k, mode = meta["max_users"], meta["action_mode"]
-    expected = ACTION_SIZES[mode](k)
+    expected = ACTION_SIZES[mode](k) + lever_action_size(meta.get("protocol_levers"), k)
     if meta["action_size"] != expected:
         raise BundleError(
             f"{where}: field 'action_size' = {meta['action_size']} but action_mode {mode!r} "
-            f"with max_users={k} has {expected} action values"
+            f"with max_users={k} and protocol levers {meta.get('protocol_levers')} has "
+            f"{expected} action values"
         )
     names = meta["feature_names"]
     if len(names) != meta["observation_size"]:

@@ -43,16 +43,27 @@ class PerUserNetwork(nn.Module):
         outputs_per_user: int,
         hidden: int = 64,
         activation=nn.Tanh,
+        global_features: int = len(GLOBAL_FEATURES),
+        global_outputs: int = 0,
+        block_major: bool | None = None,
     ) -> None:
         super().__init__()
         self.max_users, self.user_features = max_users, user_features
         self.outputs_per_user = outputs_per_user
-        g = len(GLOBAL_FEATURES)
+        self.global_outputs = global_outputs
+        # Box actions are laid out per output (all users' first output, then all users'
+        # second...); MultiDiscrete logits per user (old default: block-major only for 2)
+        self.block_major = outputs_per_user == 2 if block_major is None else block_major
+        g = global_features
         self.encoder = _mlp([user_features + g, hidden, hidden], activation)
         self.actor_head = _mlp([3 * hidden, hidden, outputs_per_user], activation)
+        # outputs shared by all users (e.g. a verification deadline) from the pooled context
+        self.global_head = (
+            _mlp([2 * hidden + g, hidden, global_outputs], activation) if global_outputs else None
+        )
         self.critic = _mlp([2 * hidden + g, hidden, hidden], activation)
         self.activation = activation()
-        self.latent_dim_pi = max_users * outputs_per_user
+        self.latent_dim_pi = max_users * outputs_per_user + global_outputs
         self.latent_dim_vf = hidden
 
     def _encode(self, obs: torch.Tensor):
@@ -72,11 +83,15 @@ class PerUserNetwork(nn.Module):
         context = torch.cat([mean, maxed], -1)[:, None, :].expand(-1, k, -1)
         out = self.actor_head(torch.cat([h, context], -1))  # (n, K, outputs_per_user)
         # lay out as the codec expects: all users' first output, then all users' second...
-        return (
+        flat = (
             out.transpose(1, 2).reshape(obs.shape[0], -1)
-            if self.outputs_per_user == 2
+            if self.block_major
             else out.reshape(obs.shape[0], -1)
         )
+        if self.global_head is None:
+            return flat
+        glob = obs[:, k * self.user_features :]
+        return torch.cat([flat, self.global_head(torch.cat([mean, maxed, glob], -1))], -1)
 
     def forward_critic(self, obs: torch.Tensor) -> torch.Tensor:
         _, mean, maxed, glob = self._encode(obs)
@@ -104,35 +119,66 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
         hidden: int = 64,
         action_bias: float = 0.0,
         zero_init: bool = False,
+        layout: tuple | None = None,
         **kwargs,
     ) -> None:
         self._hidden = hidden
         self._action_bias = action_bias
         self._zero_init = zero_init
-        self._layout = infer_layout(observation_space, action_space)
+        self._layout = (
+            tuple(layout) if layout is not None else infer_layout(observation_space, action_space)
+        )
         kwargs.pop("net_arch", None)
         super().__init__(observation_space, action_space, lr_schedule, net_arch=[], **kwargs)
 
     def _build_mlp_extractor(self) -> None:
-        max_users, user_features, outputs = self._layout
-        self.mlp_extractor = PerUserNetwork(max_users, user_features, outputs, hidden=self._hidden)
+        max_users, user_features, outputs, *extended = self._layout
+        if extended:  # (global features, global outputs): an explicit layout (env_layout)
+            self.mlp_extractor = PerUserNetwork(
+                max_users, user_features, outputs, hidden=self._hidden,
+                global_features=extended[0], global_outputs=extended[1], block_major=True,
+            )  # fmt: skip
+        else:
+            self.mlp_extractor = PerUserNetwork(
+                max_users, user_features, outputs, hidden=self._hidden
+            )
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
         # the per-user head already emits the action parameters: no mixing layer across users
         self.action_net = nn.Identity()
-        last = self.mlp_extractor.actor_head[-1]
-        if self._zero_init:  # the mean action is exactly 0: residual actions start at the base
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-        else:
-            nn.init.orthogonal_(last.weight, gain=0.01)
-            nn.init.constant_(
-                last.bias, self._action_bias if isinstance(self.action_space, spaces.Box) else 0.0
-            )
+        heads = [self.mlp_extractor.actor_head[-1]]
+        if self.mlp_extractor.global_head is not None:
+            heads.append(self.mlp_extractor.global_head[-1])
+        for last in heads:
+            if self._zero_init:  # mean action exactly 0: residual actions start at the base
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+            else:
+                nn.init.orthogonal_(last.weight, gain=0.01)
+                bias = self._action_bias if isinstance(self.action_space, spaces.Box) else 0.0
+                nn.init.constant_(last.bias, bias)
         self.optimizer = self.optimizer_class(
             self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
+
+
+def env_layout(episodes) -> tuple[int, int, int, int, int]:
+    """The explicit layout of a :class:`~multispin_env.episodes.BatchedEpisodes`: (user
+    slots, features per user, outputs per user, global features, global outputs). Needed
+    for the extended protocols' actions and observations, which :func:`infer_layout` cannot
+    tell apart from the shapes alone."""
+    per_user, global_outputs = episodes.codec.layout()
+    if per_user == 0:
+        raise ValueError("the per-user policy needs per-user actions (not 'homogeneous')")
+    spec = episodes.spec
+    return (
+        spec.max_users,
+        len(spec.user_features),
+        per_user,
+        len(spec.global_features),
+        global_outputs,
+    )
 
 
 def infer_layout(observation_space, action_space) -> tuple[int, int, int]:

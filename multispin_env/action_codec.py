@@ -28,11 +28,11 @@ this order (``ProtocolLevers``); discrete modes do not take them:
 
     stop threshold  K_max entries: lambda_k = 0.475 (a + 1) in [0, 0.95]; with ``residual``,
                     lambda_k = clip(lambda_base + 0.25 a, 0, 0.95).
-    deadline        1 entry: D = (0.2 + 0.4 (a + 1)) x the predicted time the last token of
-                    the decoded allocation reaches the server under streaming (so D is in
-                    [0.2, 1] of waiting for all); with ``residual``, D = D_base exp(0.5 a).
     group           K_max entries: group = floor((a + 1) G / 2) in [0, G); with ``residual``,
                     the base's group moved to the next one where a > 0.5.
+    deadline        1 entry (last): D = (0.2 + 0.4 (a + 1)) x the predicted time the last
+                    token of the decoded allocation reaches the server under streaming (so D
+                    is in [0.2, 1] of waiting for all); with ``residual``, D = D_base exp(0.5 a).
     With groups, bandwidth shares sum to B within each group (``full``: the softmax is taken
     per group; the other modes split each group's band by their rule).
 
@@ -178,7 +178,12 @@ class ProtocolLevers:
         return self.stop or self.deadline or self.groups > 1
 
     def width(self, max_users: int) -> int:
-        return max_users * (self.stop + (self.groups > 1)) + int(self.deadline)
+        return max_users * self.per_user + int(self.deadline)
+
+    @property
+    def per_user(self) -> int:
+        """Action entries per user slot the levers add (stop threshold, group)."""
+        return int(self.stop) + int(self.groups > 1)
 
 
 class ActionCodec:
@@ -212,6 +217,15 @@ class ActionCodec:
             if mode == "homogeneous_discrete"
             else spaces.Box(-1.0, 1.0, (width,), dtype=np.float32)
         )
+
+    def layout(self) -> tuple[int, int]:
+        """(entries per user slot, global entries) of a Box action: per-user blocks of
+        ``max_users`` entries each (length, [bandwidth logit], [stop], [group]), then the
+        global ones ([deadline]); ``homogeneous`` is one global entry."""
+        if self.mode == "homogeneous":
+            return 0, 1 + self.levers.width(self.max_users)
+        base = 2 if self.mode == "full" else 1
+        return base + self.levers.per_user, int(self.levers.deadline)
 
     def check(self, action, num_envs: int | None = None, single: bool = False) -> np.ndarray:
         """``action`` validated and batched to ``(N,) + space.shape``, in a dtype the kernels
@@ -313,11 +327,9 @@ class ActionCodec:
                 stop = np.clip(ctx.base_stop_threshold + 0.25 * raw, 0.0, 0.95)
             else:
                 stop = 0.475 * (raw + 1.0)
-        if lev.deadline:
-            raw_deadline = a[:, offset].astype(np.float64)
-            offset += 1
         if lev.groups > 1:
             raw = a[:, offset : offset + k]
+            offset += self.max_users
             if residual:
                 group = (ctx.base_group + (raw > 0.5)) % lev.groups
             else:
@@ -336,6 +348,7 @@ class ActionCodec:
         else:
             lengths, bandwidth = self.decode_checked(a[:, : self.base_width], ctx, group)
         if lev.deadline:
+            raw_deadline = a[:, offset].astype(np.float64)
             if residual:
                 deadline = ctx.base_deadline_s * np.exp(0.5 * raw_deadline)
             else:

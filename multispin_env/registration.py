@@ -49,6 +49,16 @@ for _name, (_preset, _base) in (
         ENV_IDS[f"multispin/{_name}{_protocol}-v0"] = (_preset, {**_base, **_switches})
 
 
+def synchronous_id(env_id: str) -> str | None:
+    """The synchronous id an extended-protocol id builds on (``...Pipeline-v0`` ->
+    ``...-v0``); None for an id that is not an extended protocol's."""
+    for protocol in PROTOCOLS:
+        suffix = f"{protocol}-v0"
+        if env_id.endswith(suffix) and env_id in ENV_IDS:
+            return env_id[: -len(suffix)] + "-v0"
+    return None
+
+
 def resolve_env_id(name: str) -> tuple[str, dict]:
     """(preset, default kwargs) for a registered id; a bare preset name maps to itself."""
     if name in ENV_IDS:

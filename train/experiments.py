@@ -57,6 +57,27 @@ EXPERIMENTS = {
         "seeds",
     },
 }
+# the extended protocols (multispin_env.protocols): residual over the protocol's own tuned
+# heuristic; the untuned protocol heuristic (Hete with the protocol's default knobs) and the
+# synchronous paper schemes run inside the protocol for reference
+for _scenario, _env, _target in (
+    ("paper", "PaperLlama2", 1.0),
+    ("realistic", "RealisticLlama2", 1.1),
+):
+    for _protocol, _slug in (
+        ("Pipeline", "pipeline"),
+        ("Deadline", "deadline"),
+        ("EarlyStop", "early-stop"),
+    ):
+        EXPERIMENTS[f"{_scenario}-{_slug}"] = {
+            "env_id": f"multispin/{_env}{_protocol}-v0",
+            "timesteps": 100_000,
+            "target": _target,
+            "target_of": "tuned",
+            "policies": ["fixed", "hete", "heuristic=tuned[hete,prior]"],
+            "question": f"learned policy >= {_target} x the best tuned heuristic of the same "
+            "protocol as an IQM over training seeds",
+        }
 
 
 def ensure_tuned(env_id: str, progress: bool = True) -> Path:

@@ -154,6 +154,13 @@ def export_run(
             "stable_baselines3": stable_baselines3.__version__,
         },
     }
+    levers = env._episodes.levers
+    if levers.any:  # the extended protocol's lever entries follow the allocation's
+        meta["protocol_levers"] = {
+            "stop": bool(levers.stop),
+            "deadline": bool(levers.deadline),
+            "groups": int(levers.groups),
+        }
     bundle = write_bundle(out, graph, meta)
     normed = obs_norm.normalize_obs(observations) if obs_norm is not None else observations
     reference, _ = model.predict(normed, deterministic=True)

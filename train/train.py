@@ -296,6 +296,18 @@ def train(cfg: TrainConfig) -> Path:
             algo_kwargs["policy_kwargs"]["log_std_init"] = RESIDUAL_LOG_STD_INIT
         if "learning_rate" not in given:
             algo_kwargs["learning_rate"] = linear_schedule(RESIDUAL_LEARNING_RATE)
+    if "PerUser" in str(zoo.get("policy")):
+        from multispin_agents.per_user_policy import env_layout
+        from multispin_env.env import build_episodes
+        from multispin_env.registration import resolve_env_id
+
+        scenario, id_kwargs = resolve_env_id(cfg.env_id)
+        probe, _ = build_episodes(scenario, {**id_kwargs, **cfg.env_kwargs}, num_envs=1)
+        if probe.levers.any:  # explicit layout: lever outputs and protocol features
+            algo_kwargs["policy_kwargs"] = {
+                **algo_kwargs.get("policy_kwargs", {}),
+                "layout": env_layout(probe),
+            }
     n_envs = int(cfg.n_envs or zoo.get("n_envs", 8))
     timesteps = int(cfg.timesteps or zoo.get("n_timesteps", 1e6))
     normalize = zoo.get("normalize", False)

@@ -44,8 +44,14 @@ def tune(
     schemes: tuple[str, ...] = ("homo", "hete"),
     progress: bool = True,
     fast: bool = True,
+    warm_start: list[dict] | None = None,
 ) -> dict:
-    """Run the search; returns the result dict that :func:`main` writes."""
+    """Run the search; returns the result dict that :func:`main` writes.
+
+    Under an extended protocol the protocol's knobs are searched too (stop threshold and
+    cap scale for early stop, deadline scale and cap scale for deadline verification, cap
+    scale for pipelined groups). ``warm_start``: knob sets tried first (e.g. the best
+    synchronous heuristic of the same scenario)."""
     import optuna
     from tqdm import tqdm
 
@@ -59,14 +65,39 @@ def tune(
     study = optuna.create_study(
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True)
     )
+    # the protocol's knobs and their ranges (on a grid: short, exact names)
+    protocol_knobs = {}
+    if cfg.early_stop:
+        protocol_knobs["stop_threshold"] = (0.0, 0.9, 0.01)
+    if cfg.streaming_deadline:
+        protocol_knobs["deadline_scale"] = (0.3, 1.5, 0.01)
+    if cfg.extended_protocol:
+        protocol_knobs["cap_scale"] = (0.5, 3.0, 0.05)
+    defaults = {"stop_threshold": 0.5, "deadline_scale": 1.0, "cap_scale": 1.0}
     for scheme in schemes:  # the untuned paper schemes first
         study.enqueue_trial(
             {"scheme": scheme, "alpha_source": "prior", "length_cap": l_max,
-             "csi_margin": 1.0, "equal_mix": 0.0}
+             "csi_margin": 1.0, "equal_mix": 0.0,
+             **{key: defaults[key] for key in protocol_knobs}}
         )  # fmt: skip
+    if cfg.early_stop:  # the synchronous scheme inside the protocol: never stop early
+        study.enqueue_trial(
+            {"scheme": "hete", "alpha_source": "prior", "length_cap": l_max,
+             "csi_margin": 1.0, "equal_mix": 0.0,
+             **{key: defaults[key] for key in protocol_knobs}, "stop_threshold": 0.0}
+        )  # fmt: skip
+    for knobs in warm_start or []:
+        start = {key: knobs[key] for key in ("scheme", "alpha_source", "length_cap")}
+        start.update({key: knobs[key] for key in ("csi_margin", "equal_mix")})
+        start.update({key: knobs.get(key, defaults[key]) for key in protocol_knobs})
+        study.enqueue_trial(start)
     t0 = time.perf_counter()
 
     def objective(trial) -> float:
+        extra = {
+            key: round(trial.suggest_float(key, low, high, step=step), 2)
+            for key, (low, high, step) in protocol_knobs.items()
+        }
         heuristic = TunedHeuristic(
             fast=fast,
             scheme=trial.suggest_categorical("scheme", list(schemes)),
@@ -75,6 +106,7 @@ def tune(
             # on a 0.01 grid: short, exact names (the name is also the spec)
             csi_margin=round(trial.suggest_float("csi_margin", 0.3, 1.0, step=0.01), 2),
             equal_mix=round(trial.suggest_float("equal_mix", 0.0, 0.6, step=0.01), 2),
+            **extra,
         )
         return float(score(heuristic, env_id, seeds, env_kwargs).mean())
 
@@ -87,7 +119,7 @@ def tune(
     study.optimize(objective, n_trials=trials, callbacks=[tick])
     bar.close()
     params = dict(study.best_params)
-    for key in ("csi_margin", "equal_mix"):  # the 0.01 grid, without float residue
+    for key in ("csi_margin", "equal_mix", *protocol_knobs):  # the grid, without float residue
         params[key] = round(params[key], 2)
     best = TunedHeuristic(**params, fast=fast)
     hete = score(TunedHeuristic("hete", length_cap=l_max), env_id, seeds, env_kwargs)
@@ -111,6 +143,7 @@ def tune(
 
 def main(argv=None) -> dict:
     from multispin_agents.tuned import default_tuned_path
+    from multispin_env.registration import synchronous_id
     from multispin_train.hyperparams import parse_cli_kwargs
 
     p = argparse.ArgumentParser(prog="multispin tune", description=__doc__.split("\n")[0])
@@ -140,9 +173,15 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.trials < len(a.schemes) or a.seeds < 1:
         p.error(f"--trials must be >= {len(a.schemes)} (one per scheme) and --seeds >= 1")
+    warm_start = []
+    sync_id = synchronous_id(a.env)
+    if sync_id is not None and default_tuned_path(sync_id).is_file():
+        # the best synchronous heuristic, inside the protocol, is the first candidate
+        warm_start.append(json.loads(default_tuned_path(sync_id).read_text())["best"])
+        print(f"warm start: the tuned heuristic of {sync_id}")
     result = tune(
         a.env, a.trials, a.seeds, a.seed, parse_cli_kwargs(a.env_kwargs), tuple(a.schemes),
-        a.progress, a.fast,
+        a.progress, a.fast, warm_start,
     )  # fmt: skip
     out = Path(a.out) if a.out else default_tuned_path(a.env)
     out.parent.mkdir(parents=True, exist_ok=True)
