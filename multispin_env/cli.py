@@ -10,6 +10,8 @@ multispin evaluate [...]         # learned vs heuristic policies: tables and plo
 multispin tune --env ID          # the best tuned heuristic for a scenario (results/tuned/)
 multispin sweep [...]            # Optuna sweep over seeds x scenarios x hyperparameters
 multispin experiment paper|realistic   # one command per headline result
+multispin experiment realistic-pipeline  # ... and per extended protocol (see --help)
+multispin protocols              # synchronous round vs the extended protocols, per scenario
 multispin live --users 8 --scheduler hete --rounds 50   # real models over TCP
 """
 
@@ -28,12 +30,16 @@ _SUBCOMMANDS = {
     "evaluate": ("multispin_eval.compare", "compare trained and baseline policies"),
     "tune": ("multispin_train.tune", "tune the heuristic family on tuning seeds"),
     "sweep": ("multispin_train.sweep", "Optuna hyperparameter sweep (RDB storage)"),
-    "experiment": ("multispin_train.experiments", "headline experiments: paper | realistic"),
+    "experiment": (
+        "multispin_train.experiments",
+        "headline experiments: paper | realistic | <scenario>-<protocol>",
+    ),
     "live": ("multispin_env.live.cli", "edge server + device processes with real models"),
     "export": ("multispin_train.export", "ONNX policy bundle from a training run"),
     "calibrate": ("multispin_env.live.calibrate", "profile the live pair into a scenario preset"),
     "end-to-end": ("multispin_train.end_to_end", "calibrated sim -> train -> export -> live"),
     "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
+    "protocols": ("multispin_eval.protocols", "synchronous round vs extended protocols"),
 }
 
 
