@@ -1,6 +1,7 @@
 """Environment throughput: scalar env steps/s and batched env env-steps/s, side by side.
 
     OMP_NUM_THREADS=1 python -m multispin_eval.bench_env [--num-envs 256] [--steps 2000]
+    OMP_NUM_THREADS=1 python -m multispin_eval.bench_env --protocols   # extended ids vs sync
 
 Targets (issue: Gymnasium environments), K = 20 on a 2-core VM: scalar >= 10k steps/s,
 batched (N = 256) >= 300k env-steps/s. Absolute figures depend on the machine and its load,
@@ -23,10 +24,66 @@ from multispin_eval.machine_ref import measure
 
 
 def _typical_action(codec, num_users: int, batch: int) -> np.ndarray:
+    """Every user drafts 4 tokens with an equal share; under an extended protocol, threshold
+    0.475, users alternating between groups 0 and 1, the deadline at the last arrival."""
+    from multispin_env.action_codec import ActionCodec
+
     lengths = np.full((batch, num_users), 4)
     shares = np.full((batch, num_users), 1.0 / num_users)
-    action = codec.encode(lengths, shares)
-    return action
+    plain = ActionCodec(codec.mode, codec.max_users, codec.max_draft_length)
+    action = plain.encode(lengths, shares)
+    lev, k_max = codec.levers, codec.max_users
+    extra = []
+    if lev.stop:
+        extra.append(np.zeros((batch, k_max)))
+    if lev.groups > 1:
+        extra.append(
+            np.broadcast_to(np.where(np.arange(k_max) % 2 == 0, -0.5, 0.5), (batch, k_max))
+        )
+    if lev.deadline:
+        extra.append(np.ones((batch, 1)))
+    return np.concatenate([action, *extra], axis=1).astype(np.float32) if extra else action
+
+
+def bench_protocols(args) -> None:
+    """Batched env-steps/s of the synchronous id and its extended-protocol ids, interleaved."""
+    from multispin_env.registration import PROTOCOLS
+
+    base = args.env_id[: -len("-v0")]
+    ids = [args.env_id] + [f"{base}{p}-v0" for p in PROTOCOLS]
+    envs = {}
+    for env_id in ids:
+        venv = gym.make_vec(
+            env_id, num_envs=args.num_envs, vectorization_mode="vector_entry_point",
+            action_mode=args.action_mode,
+        )  # fmt: skip
+        venv.reset(seed=0)
+        action = _typical_action(
+            venv.unwrapped.episodes.codec, venv.unwrapped.config.num_users, args.num_envs
+        )
+        envs[env_id] = (venv, action)
+    steps = max(args.steps // 10, 50)
+    rates = {env_id: [] for env_id in ids}
+    ref_before = measure()
+    for _ in range(args.repeats):
+        for env_id, (venv, action) in envs.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                venv.step(action)
+            rates[env_id].append(steps * args.num_envs / (time.perf_counter() - t0))
+    ref = ref_before.averaged_with(measure())
+    sync = max(rates[args.env_id])
+    print(
+        f"batched N={args.num_envs}, action_mode={args.action_mode}, one thread, best (median) "
+        f"of {args.repeats} interleaved repeats"
+    )
+    print(f"{'env id':<40}{'env-steps/s':>22}{'/ sync':>8}{'per ref op':>12}")
+    for env_id, r in rates.items():
+        print(
+            f"{env_id:<40}{f'{max(r):,.0f} ({np.median(r):,.0f})':>22}"
+            f"{max(r) / sync:>8.2f}{ref.rate_ratio(max(r)):>12.0f}"
+        )
+    print(ref.describe())
 
 
 def main(argv=None) -> None:
@@ -41,7 +98,15 @@ def main(argv=None) -> None:
         default=5,
         help="timed repeats; the best is reported (the VM's noise only slows)",
     )
+    parser.add_argument(
+        "--protocols",
+        action="store_true",
+        help="batched throughput of the env id and its extended-protocol ids, side by side",
+    )
     args = parser.parse_args(argv)
+    if args.protocols:
+        bench_protocols(args)
+        return
 
     env = gym.make(args.env_id, action_mode=args.action_mode).unwrapped
     env.reset(seed=0)

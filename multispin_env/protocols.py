@@ -19,7 +19,9 @@ Early stop (``early_stop``; AdaEDL, arXiv 2410.18351)
     when unsure"): position i of a request with mean acceptance alpha has a latent
     acceptance probability a_i = sigmoid(m + s z_i), z_i ~ N(0, 1) i.i.d., with m solved per
     request so that E[a_i] = alpha; the drafter's confidence is c_i = sigmoid(m + s z_i +
-    sigma e_i), e_i ~ N(0, 1); the token is accepted with probability a_i. Independence
+    sigma e_i), e_i ~ N(0, 1); the token is accepted with probability a_i. (Normals come
+    from uniforms by the normal quantile; each position's draws are a function of the key,
+    round, position and user.) Independence
     keeps P(first i accepted) = alpha^i, the paper's law, when no stop rule acts.
     s = ``token_logit_std``, sigma = ``confidence_noise_std`` (fitted on the built-in pair:
     ``python -m multispin_eval.fit_token_model``).
@@ -91,23 +93,53 @@ def token_counter(round_index: int, position: int) -> np.uint64:
     return TOKEN_COUNTER_BASE + np.uint64(round_index) * _POSITIONS_PER_ROUND + np.uint64(position)
 
 
+# Acklam's rational approximation of the standard normal quantile (relative error < 1.2e-9):
+# no transcendental function in the central 95 %, where almost every draw falls
+_A = (-39.69683028665376, 220.9460984245205, -275.9285104469687, 138.3577518672690,
+      -30.66479806614716, 2.506628277459239)  # fmt: skip
+_B = (-54.47609879822406, 161.5858368580409, -155.6989798598866, 66.80131188771972,
+      -13.28068155288572)  # fmt: skip
+_C = (-0.007784894002430293, -0.3223964580411365, -2.400758277161838, -2.549732539343734,
+      4.374664141464968, 2.938163982698783)  # fmt: skip
+_D = (0.007784695709041462, 0.3224671290700398, 2.445134137142996, 3.754408661907416)
+
+
+@kernel
+def _normal_quantile(p):
+    if p < 0.02425:
+        q = np.sqrt(-2.0 * np.log(p))
+        num = ((((_C[0] * q + _C[1]) * q + _C[2]) * q + _C[3]) * q + _C[4]) * q + _C[5]
+        return num / ((((_D[0] * q + _D[1]) * q + _D[2]) * q + _D[3]) * q + 1.0)
+    if p > 1.0 - 0.02425:
+        q = np.sqrt(-2.0 * np.log1p(-p))
+        num = ((((_C[0] * q + _C[1]) * q + _C[2]) * q + _C[3]) * q + _C[4]) * q + _C[5]
+        return -num / ((((_D[0] * q + _D[1]) * q + _D[2]) * q + _D[3]) * q + 1.0)
+    q = p - 0.5
+    r = q * q
+    num = (((((_A[0] * r + _A[1]) * r + _A[2]) * r + _A[3]) * r + _A[4]) * r + _A[5]) * q
+    return num / (((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0)
+
+
+@kernel
+def _token_uniform(key, round_index, position, user, draw):
+    """Uniform ``draw`` (0: acceptance normal, 1: confidence noise, 2: accept) of a position."""
+    counter = TOKEN_COUNTER_BASE + np.uint64(round_index) * _POSITIONS_PER_ROUND
+    return _uniform(key, counter + np.uint64(position), draw, user)
+
+
 @kernel
 def _token_draw(key, round_index, position, user, logit_mean, logit_std, noise_std):
-    """(acceptance probability a, confidence logit, accept uniform) of one drafted position.
+    """(acceptance logit, confidence logit, accepted?) of one drafted position.
 
-    Box-Muller on two uniforms gives the two independent normals z (acceptance) and e
-    (confidence noise); a third uniform decides acceptance."""
-    counter = TOKEN_COUNTER_BASE + np.uint64(round_index) * _POSITIONS_PER_ROUND
-    counter = counter + np.uint64(position)
-    u1 = _uniform(key, counter, 0, user)
-    u2 = _uniform(key, counter, 1, user)
-    u3 = _uniform(key, counter, 2, user)
-    radius = np.sqrt(-2.0 * np.log(u1))
-    z = radius * np.cos(2.0 * np.pi * u2)
-    e = radius * np.sin(2.0 * np.pi * u2)
-    logit = logit_mean + logit_std * z
-    a = 1.0 / (1.0 + np.exp(-logit))
-    return a, logit + noise_std * e, u3
+    Two uniforms give the independent normals z (acceptance) and e (confidence noise) by the
+    normal quantile; a third decides acceptance: u < sigmoid(l) <=> u (1 + exp(-l)) < 1.
+    The round kernel draws the same numbers, but only those it needs."""
+    logit = logit_mean + logit_std * _normal_quantile(
+        _token_uniform(key, round_index, position, user, 0)
+    )
+    e = _normal_quantile(_token_uniform(key, round_index, position, user, 1))
+    u = _token_uniform(key, round_index, position, user, 2)
+    return logit, logit + noise_std * e, u * (1.0 + np.exp(-logit)) < 1.0
 
 
 def logit_mean_for(alpha: np.ndarray, logit_std: float) -> np.ndarray:
@@ -203,21 +235,30 @@ def play_extended_round(
                 match[k] = False
                 continue
             if early_stop:
+                # the draws of _token_draw, each made only when it matters
+                key, t, lam = keys[n], round_index[n], stop_threshold[n, k]
                 length, run, ok = cap, 0, True
+                match[k] = False
                 for i in range(cap + 1):  # position cap is the bonus position (proactive guess)
-                    a, conf_logit, u = _token_draw(
-                        keys[n], round_index[n], i, k, logit_mean[n, k], logit_std, noise_std
+                    logit = logit_mean[n, k] + logit_std * _normal_quantile(
+                        _token_uniform(key, t, i, k, 0)
                     )
-                    if 0 < i < cap and conf_logit < stop_threshold[n, k]:
-                        length = i  # unsure of token i + 1: stop with i drafted
-                    hit = u < a
-                    if ok and hit and i < length:
-                        run += 1
-                    elif i < length:
-                        ok = False
-                    if i >= length:
-                        match[k] = ok and hit  # whole draft accepted, bonus = drafter's top
-                        break
+                    if 0 < i < cap and lam > -np.inf:
+                        e = _normal_quantile(_token_uniform(key, t, i, k, 1))
+                        if logit + noise_std * e < lam:
+                            length = i  # unsure of token i + 1: stop with i drafted
+                    if i >= length and not (ok and num_groups > 1):
+                        break  # the guess is only needed for proactive drafting
+                    if ok:
+                        u = _token_uniform(key, t, i, k, 2)
+                        hit = u * (1.0 + np.exp(-logit)) < 1.0
+                        if i >= length:
+                            match[k] = hit  # whole draft accepted, bonus = drafter's top
+                            break
+                        if hit:
+                            run += 1
+                        else:
+                            ok = False
                 drafted[n, k] = length
                 accepted[n, k] = run
             else:

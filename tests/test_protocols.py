@@ -679,7 +679,7 @@ def test_early_stop_rule_replayed_from_the_token_draws():
                         length = i
                         break
                 run = 0
-                while run < length and draws[run][2] < draws[run][0]:
+                while run < length and draws[run][2]:
                     run += 1
                 want_len[n, k], want_acc[n, k] = length, run
         u = cfg.payload_bits / (bw * sim.spectral_eff)
@@ -719,10 +719,10 @@ def _replay_early_stop(sim, caps, lam):
                     ell = i
                     break
             r = 0
-            while r < ell and draws[r][2] < draws[r][0]:
+            while r < ell and draws[r][2]:
                 r += 1
             length[n, k], run[n, k] = ell, r
-            held[n, k] = r == ell and draws[ell][2] < draws[ell][0]
+            held[n, k] = r == ell and draws[ell][2]
     return length, run, held
 
 
