@@ -61,6 +61,14 @@ class BundleScheduler:
         from multispin_env.action_codec import ActionCodec
 
         self.bundle = PolicyBundle(folder)
+        levers = self.bundle.meta.get("protocol_levers")
+        if levers and (levers["stop"] or levers["deadline"] or levers["groups"] > 1):
+            raise ValueError(
+                f"bundle {folder} was trained for an extended protocol "
+                f"({self.bundle.meta['env_id']}), which live mode does not run yet: it plays the "
+                "synchronous round. Deploy a "
+                "policy trained on a synchronous id (e.g. multispin/RealisticLlama2-v0)"
+            )
         self.codec = ActionCodec(
             self.bundle.action_mode, self.bundle.max_users, self.bundle.max_draft_length
         )
