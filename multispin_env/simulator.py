@@ -277,15 +277,7 @@ class MultiSpinSimulator:
                     "early_stop, streaming_deadline or pipeline_groups in its config"
                 )
         n, k = self.num_envs, self.num_users
-        lengths = np.asarray(draft_lengths)
-        bw = np.asarray(bandwidth_hz, dtype=np.float64)
-        if lengths.ndim == 1 and n == 1:
-            lengths, bw = lengths[None, :], bw[None, :]
-        if not np.issubdtype(lengths.dtype, np.integer):
-            rounded = np.round(lengths)
-            if np.any(rounded != lengths):
-                raise ValueError("draft_lengths must be whole numbers of tokens")
-            lengths = rounded.astype(np.int64)
+        lengths, bw = self._batched(draft_lengths, bandwidth_hz)
         if validate:
             self.validate_allocation(lengths, bw)
         cfg = self.config
@@ -339,12 +331,30 @@ class MultiSpinSimulator:
             energy_j=energy,
             request_done=done,
         )
+        self._advance(done, any_done)
+        return result
+
+    def _batched(self, draft_lengths, bandwidth_hz) -> tuple[np.ndarray, np.ndarray]:
+        """Lengths and bandwidth as ``(N, K)`` arrays (a ``(K,)`` pair when N = 1), lengths
+        integer (whole-number floats accepted)."""
+        lengths = np.asarray(draft_lengths)
+        bw = np.asarray(bandwidth_hz, dtype=np.float64)
+        if lengths.ndim == 1 and self.num_envs == 1:
+            lengths, bw = lengths[None, :], bw[None, :]
+        if not np.issubdtype(lengths.dtype, np.integer):
+            rounded = np.round(lengths)
+            if np.any(rounded != lengths):
+                raise ValueError("draft_lengths must be whole numbers of tokens")
+            lengths = rounded.astype(np.int64)
+        return lengths, bw
+
+    def _advance(self, done: np.ndarray, any_done: bool) -> None:
+        """After a round: the round counter, new requests where one ended, next channels."""
         self.round_index += 1
         if any_done:
             rows = np.flatnonzero(done.any(axis=-1))
             self._start_requests(rows, self.round_index[rows].astype(np.uint64), done[rows])
         self._draw_channels()
-        return result
 
     # ------------------------------------------------------------------ extended protocols
     def _step_extended(
@@ -353,15 +363,7 @@ class MultiSpinSimulator:
         cfg = self.config
         n, k = self.num_envs, self.num_users
         shape = (n, k)
-        lengths = np.asarray(draft_lengths)
-        bw = np.asarray(bandwidth_hz, dtype=np.float64)
-        if lengths.ndim == 1 and n == 1:
-            lengths, bw = lengths[None, :], bw[None, :]
-        if not np.issubdtype(lengths.dtype, np.integer):
-            rounded = np.round(lengths)
-            if np.any(rounded != lengths):
-                raise ValueError("draft_lengths must be whole numbers of tokens")
-            lengths = rounded.astype(np.int64)
+        lengths, bw = self._batched(draft_lengths, bandwidth_hz)
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         groups = cfg.pipeline_groups
         for name, value, on in (
@@ -471,11 +473,7 @@ class MultiSpinSimulator:
             verified=verified,
             wasted=wasted,
         )
-        self.round_index += 1
-        if any_done:
-            rows = np.flatnonzero(done.any(axis=-1))
-            self._start_requests(rows, self.round_index[rows].astype(np.uint64), done[rows])
-        self._draw_channels()
+        self._advance(done, any_done)
         return result
 
 
