@@ -62,3 +62,24 @@ def test_end_to_end_smoke(tmp_path, capsys):
     assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
     assert "sim vs live" in capsys.readouterr().out
+
+
+def test_protocols_table_smoke(tmp_path):
+    """`multispin protocols` on 2 episodes: every protocol's heuristic and tuned rows, ratios
+    to the synchronous references, and the files it promises."""
+    from multispin_eval.protocols import main
+
+    out = tmp_path / "protocols"
+    summary = main(
+        ["--scenarios", "paper", "--seeds", "2", "--out", str(out),
+         "--experiments", str(tmp_path / "none"), "--no-progress"]
+    )  # fmt: skip
+    rows = summary["paper"]["rows"]
+    assert [r["policy"] for r in rows[:4]] == ["fixed", "homo", "hete", "tuned"]
+    assert {r["protocol"] for r in rows} == {"sync", "EarlyStop", "Deadline", "Pipeline"}
+    hete = next(r for r in rows if r["protocol"] == "sync" and r["policy"] == "hete")
+    assert hete["vs_hete"] == 1.0
+    for r in rows:
+        assert r["goodput"] > 0 and 0 < r["server_busy"] <= 1.0 + 1e-9
+    for name in ("paper.csv", "paper.md", "paper.png", "summary.json"):
+        assert (out / name).is_file()

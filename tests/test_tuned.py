@@ -203,3 +203,41 @@ def test_shipped_bundles_load_and_play_as_well_as_the_tuned_heuristic(name):
     )
     by = {r["policy"]: r for r in rows}
     assert by["b"]["goodput"] / by["tuned"]["goodput"] == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    "env_id, knobs",
+    [
+        ("multispin/RealisticLlama2EarlyStop-v0", {"stop_threshold", "cap_scale"}),
+        ("multispin/RealisticLlama2Deadline-v0", {"deadline_scale", "cap_scale"}),
+        ("multispin/PaperLlama2Pipeline-v0", {"cap_scale"}),
+    ],
+)
+def test_tune_searches_the_protocol_knobs_and_starts_from_the_synchronous_best(
+    tmp_path, env_id, knobs
+):
+    from multispin_train.tune import tune
+
+    sync_best = {"scheme": "hete", "alpha_source": "history", "length_cap": 7,
+                 "csi_margin": 0.6, "equal_mix": 0.2}  # fmt: skip
+    result = tune(
+        env_id, trials=5, num_seeds=2, env_kwargs={"num_users": 4, "horizon_s": 3.0},
+        progress=False, warm_start=[sync_best],
+    )  # fmt: skip
+    searched = {k for t in result["trials"] for k in t} - {"number", "goodput"}
+    assert knobs <= searched
+    assert not ({"stop_threshold", "deadline_scale"} - knobs) & searched
+    warm = [t for t in result["trials"] if t["length_cap"] == 7 and t["csi_margin"] == 0.6]
+    assert warm, "the synchronous best was not tried"
+    assert result["tuning_goodput"] == max(t["goodput"] for t in result["trials"])
+    best = TunedHeuristic(**result["best"])
+    assert TunedHeuristic.parse(best.name) == best
+
+
+def test_synchronous_id_of_an_extended_id():
+    from multispin_env.registration import synchronous_id
+
+    assert synchronous_id("multispin/RealisticLlama2Pipeline-v0") == "multispin/RealisticLlama2-v0"
+    assert synchronous_id("multispin/PaperLlama2EarlyStop-v0") == "multispin/PaperLlama2-v0"
+    assert synchronous_id("multispin/PaperLlama2-v0") is None
+    assert synchronous_id("multispin/NoSuchPipeline-v0") is None
