@@ -158,6 +158,12 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
                 nn.init.orthogonal_(last.weight, gain=0.01)
                 bias = self._action_bias if isinstance(self.action_space, spaces.Box) else 0.0
                 nn.init.constant_(last.bias, bias)
+                if len(self._layout) > 3:  # explicit layout: the bias shifts lengths only,
+                    with torch.no_grad():  # not the protocol levers (thresholds, groups, deadline)
+                        if last is heads[0]:
+                            last.bias[1:] = 0.0
+                        else:
+                            last.bias.zero_()
         self.optimizer = self.optimizer_class(
             self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )

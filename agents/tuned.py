@@ -20,6 +20,9 @@ fast            Hete on a coarser grid without polish (see ``SolverPolicy.fast``
 
 Knobs of the extended protocols (multispin_env.protocols; ignored in the synchronous round):
 
+(spec tokens ``stop=`` in [0, 1), ``scale=`` in [0.25, 4], ``deadline=`` in [0.05, 4]; defaults
+0.5, 1, 1, left out of the name when at their defaults)
+
 stop_threshold  early stop: every user's confidence threshold lambda (AdaEDL's rule: stop when
                 the drafter's confidence in the next token falls below lambda).
 cap_scale       the solver's draft lengths times this are the caps (rounded, within L_max): a
@@ -32,8 +35,9 @@ per-token draft + upload time at an equal share of the band) and each group is s
 its own with the whole band.
 
 With ``length_cap = L_max``, ``csi_margin = 1`` and ``equal_mix = 0`` it is the paper's
-scheme exactly (tested). A tuned heuristic is written as a spec string, for example
-``tuned[hete,prior,cap=6,margin=0.8,mix=0.1]``, or saved as the JSON that ``multispin tune``
+scheme exactly in the synchronous round (tested); under an extended protocol the protocol
+knobs below still act (e.g. the stop threshold's default 0.5). A tuned heuristic is written
+as a spec string, for example ``tuned[hete,prior,cap=6,margin=0.8,mix=0.1]``, or saved as the JSON that ``multispin tune``
 writes (``tuned:PATH``).
 """
 
@@ -208,7 +212,13 @@ class TunedHeuristic:
                 fields["alpha_source"] = part
             elif "=" in part and part.split("=")[0] in keys:
                 key, value = part.split("=", 1)
-                fields[keys[key]] = int(value) if key == "cap" else float(value)
+                if keys[key] in fields:
+                    raise ValueError(f"{spec!r}: {key}= is given twice")
+                try:
+                    fields[keys[key]] = int(value) if key == "cap" else float(value)
+                except ValueError:
+                    kind = "an integer" if key == "cap" else "a number"
+                    raise ValueError(f"{spec!r}: {key}={value!r} must be {kind}") from None
             else:
                 raise ValueError(
                     f"{spec!r}: unknown part {part!r}; parts are a scheme {SCHEMES}, a source "

@@ -13,6 +13,12 @@ or a tuned heuristic (``tuned``: ``results/tuned/<env>.json``; ``tuned[hete,cap=
 ``tuned:PATH``); ``label=path`` names it. Writes ``compare.csv``, ``compare.md``
 and ``compare.png`` to ``--out``; goodput is normalised to Hete-Multi-SPIN fed with the
 offline task means and the last CSI (the paper's controller as deployed).
+
+On an extended-protocol id (``multispin_env.protocols``) a bare scheme name plays the paper's
+synchronous decision unaware of the protocol: no early stop, no deadline, groups by user
+index with the bandwidth split over all users; so "vs Hete" there is relative to that. A tuned
+heuristic (``tuned``, ``tuned[...]``) decides the protocol's levers. ``multispin protocols``
+compares every protocol against synchronous Hete instead.
 """
 
 from __future__ import annotations

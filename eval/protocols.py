@@ -8,7 +8,10 @@ then every extended protocol (``multispin_env.protocols``) with its untuned heur
 with the protocol's default knobs: AdaEDL's threshold 0.5, a deadline at the predicted
 straggler, balanced groups), its best tuned heuristic (``results/tuned/<env>.json``) and the
 learned policies of ``multispin experiment <scenario>-<protocol>`` (every training seed's
-bundle, as an interquartile mean over seeds with a stratified-bootstrap 95% CI).
+bundle; a protocol without committed bundles has no learned row). The learned row's ratio
+columns are the interquartile mean over seeds of the per-episode ratios (its
+stratified-bootstrap 95% CI, and the ratio to the protocol's own tuned heuristic, are in
+``summary.json``); its other columns are the median seed's episodes.
 
 All rows play the same held-out seeds (2,000,000 + i): device speeds, channels and requests
 are the same realization in every protocol, so ratios are paired per episode. Ratios are to
@@ -183,8 +186,13 @@ def main(argv=None) -> dict:
         help="which scenarios (default both)",
     )  # fmt: skip
     p.add_argument("--seeds", type=int, default=32, help="held-out episodes (default 32)")
-    p.add_argument("--experiments", default="results/experiments", help="experiment results")
-    p.add_argument("--out", default="results/protocols", help="output folder")
+    p.add_argument(
+        "--experiments", default="results/experiments",
+        help="folder of experiment results with bundles (default results/experiments)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", default="results/protocols", help="output folder (default results/protocols)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="quiet")
     a = p.parse_args(argv)
     if a.seeds < 2:

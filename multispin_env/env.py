@@ -103,8 +103,19 @@ class MultiSpinEnv(gym.Env[np.ndarray, np.ndarray]):
     Every value is checked against its field's type (numpy scalars are accepted; a bool is
     not a number, a string not a bool) and range (finite numbers only).
 
+    ## Extended protocols
+    Scenarios with ``early_stop``, ``streaming_deadline`` or ``pipeline_groups >= 2``
+    (ids ``...EarlyStop-v0``, ``...Deadline-v0``, ``...Pipeline-v0``; timing in
+    ``multispin_env.protocols``): a step is one round (one pipeline cycle with groups). Box
+    actions append the levers: per-user stop thresholds, per-user groups, then one
+    deadline (discrete modes refuse them). The observation adds ``predrafted`` per user with
+    groups, and, with a base heuristic, its ``base_stop``/``base_group`` per user and a global
+    ``base_deadline``; under a deadline ``last_drafted`` is the verified prefix. Info adds
+    ``verified``, ``wasted`` (drafted, not committed), ``predrafted`` and the decision's
+    ``stop_threshold``/``deadline_s``/``group``.
+
     ## Version history
-    - v0: initial release.
+    - v0: initial release; the extended protocols' ids added as their own v0 ids.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 2}

@@ -273,8 +273,8 @@ class MultiSpinSimulator:
             if value is not None:
                 raise ValueError(
                     f"{name} is a decision of an extended protocol, but scenario "
-                    f"{self.config.name!r} plays the synchronous round; switch on "
-                    "early_stop, streaming_deadline or pipeline_groups in its config"
+                    f"{self.config.name!r} plays the synchronous round; set "
+                    f"{_SWITCH_OF[name]} in its config"
                 )
         n, k = self.num_envs, self.num_users
         lengths, bw = self._batched(draft_lengths, bandwidth_hz)
@@ -374,24 +374,37 @@ class MultiSpinSimulator:
             if value is not None and not on:
                 raise ValueError(
                     f"{name} is given, but scenario {cfg.name!r} has that protocol switched "
-                    f"off (protocol: {cfg.protocol_name})"
+                    f"off (protocol: {cfg.protocol_name}); set {_SWITCH_OF[name]} in its config "
+                    f"or leave {name} out"
                 )
         if stop_threshold is None:
             threshold = np.zeros(shape)
         else:
-            threshold = np.broadcast_to(np.asarray(stop_threshold, dtype=np.float64), shape)
-            if not np.all((threshold >= 0) & (threshold < 1)):
-                raise ValueError("stop_threshold must be confidences in [0, 1) (0: never stop)")
+            threshold = _per_user(stop_threshold, shape, "stop_threshold")
+            bad = ~((threshold >= 0) & (threshold < 1))
+            if bad.any():
+                raise ValueError(
+                    f"stop_threshold must be confidences in [0, 1) (0: never stop); got "
+                    f"{threshold[bad].flat[0]!r}"
+                )
         with np.errstate(divide="ignore"):
             stop_logit = np.ascontiguousarray(np.log(threshold) - np.log1p(-threshold))
         if deadline_s is None:
             deadline = np.full(n, np.inf)
         else:
-            deadline = np.ascontiguousarray(
-                np.broadcast_to(np.asarray(deadline_s, dtype=np.float64), (n,))
-            )
-            if np.any(np.isnan(deadline)) or np.any(deadline <= 0):
-                raise ValueError("deadline_s must be > 0 seconds (inf: wait for every draft)")
+            deadline = np.asarray(deadline_s, dtype=np.float64)
+            if deadline.shape not in ((), (n,)):
+                raise ValueError(
+                    f"deadline_s must be one number or one per environment, shape ({n},); got "
+                    f"shape {deadline.shape}"
+                )
+            deadline = np.ascontiguousarray(np.broadcast_to(deadline, (n,)))
+            bad = np.isnan(deadline) | (deadline <= 0)
+            if bad.any():
+                raise ValueError(
+                    f"deadline_s must be > 0 seconds (inf: wait for every draft); got "
+                    f"{deadline[bad][0]!r}"
+                )
         if group is None:
             grp = np.ascontiguousarray(np.broadcast_to(np.arange(k) % groups, shape))
         else:
@@ -475,6 +488,24 @@ class MultiSpinSimulator:
         )
         self._advance(done, any_done)
         return result
+
+
+_SWITCH_OF = {
+    "stop_threshold": "early_stop=True",
+    "deadline_s": "streaming_deadline=True",
+    "group": "pipeline_groups=2 (or more)",
+}
+
+
+def _per_user(value, shape: tuple[int, int], name: str) -> np.ndarray:
+    """A per-user decision as ``(N, K)`` floats: one number, a ``(K,)`` row or ``(N, K)``."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape not in ((), shape[1:], shape):
+        raise ValueError(
+            f"{name} must be one number, one per user (shape {shape[1:]}) or one per user and "
+            f"environment (shape {shape}); got shape {arr.shape}"
+        )
+    return np.broadcast_to(arr, shape)
 
 
 def _geometric_length(u: np.ndarray, mean_tokens: float) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""The two headline experiments, each one command: tune, train over seeds, compare.
+"""The headline experiments, each one command: tune, train over seeds, compare.
 
     multispin experiment paper        # static acceptance known: learned vs Hete (optimal there)
     multispin experiment realistic    # hidden per-request acceptance, churn, CSI error,
                                       # token-aware verification (GPU-like split)
+    multispin experiment realistic-pipeline   # an extended protocol (multispin_env.protocols):
+                                      # {paper,realistic}-{pipeline,deadline,early-stop}
 
 Each experiment
 

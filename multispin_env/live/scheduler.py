@@ -117,7 +117,14 @@ def make_scheduler(name: str):
     if name.startswith(("tuned[", "tuned:")):  # a tuned heuristic (multispin tune)
         from multispin_agents.tuned import TunedHeuristic
 
-        return TunedHeuristic.parse(name)
+        heuristic = TunedHeuristic.parse(name)
+        if heuristic._protocol_suffix():
+            raise ValueError(
+                f"scheduler {name!r} has extended-protocol knobs ({heuristic.name}), which live "
+                "mode would ignore: it plays the synchronous round. Use the synchronous tuned "
+                "heuristic (e.g. tuned:results/tuned/realisticllama2-v0.json)"
+            )
+        return heuristic
     if name not in SCHEDULERS:
         raise ValueError(
             f"scheduler {name!r}; choose one of {SCHEDULERS}, tuned[...], tuned:PATH or "
