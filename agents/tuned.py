@@ -37,8 +37,8 @@ its own with the whole band.
 With ``length_cap = L_max``, ``csi_margin = 1`` and ``equal_mix = 0`` it is the paper's
 scheme exactly in the synchronous round (tested); under an extended protocol the protocol
 knobs below still act (e.g. the stop threshold's default 0.5). A tuned heuristic is written
-as a spec string, for example ``tuned[hete,prior,cap=6,margin=0.8,mix=0.1]``, or saved as the JSON that ``multispin tune``
-writes (``tuned:PATH``).
+as a spec string, for example ``tuned[hete,prior,cap=6,margin=0.8,mix=0.1]``, or saved as
+the JSON that ``multispin tune`` writes (``tuned:PATH``).
 """
 
 from __future__ import annotations
