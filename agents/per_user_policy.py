@@ -106,7 +106,9 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
 
     Extra policy_kwargs: ``hidden`` (width of every per-user layer, default 64) and
     ``action_bias`` (initial mean of Box actions; e.g. -0.6 starts ``lengths`` near L = 5 of
-    25 instead of the middle bin, which saves the first updates from very long rounds) and
+    25 instead of the middle bin, which saves the first updates from very long rounds),
+    ``lever_log_std`` (with an explicit layout: the initial log std of every action entry after
+    the first per-user block, i.e. the protocol levers of ``residual``/``lengths`` actions) and
     ``zero_init`` (the last actor layer starts at zero, so the mean action is exactly 0: with
     ``residual`` actions the untrained policy *is* the base heuristic).
     """
@@ -120,8 +122,10 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
         action_bias: float = 0.0,
         zero_init: bool = False,
         layout: tuple | None = None,
+        lever_log_std: float | None = None,
         **kwargs,
     ) -> None:
+        self._lever_log_std = lever_log_std
         self._hidden = hidden
         self._action_bias = action_bias
         self._zero_init = zero_init
@@ -164,6 +168,11 @@ class PerUserActorCriticPolicy(ActorCriticPolicy):
                             last.bias[1:] = 0.0
                         else:
                             last.bias.zero_()
+        if self._lever_log_std is not None and len(self._layout) > 3:
+            # explore the protocol levers (all outputs after each user's length) more widely
+            # than the lengths: a residual group move needs an action above 0.5
+            with torch.no_grad():
+                self.log_std[self._layout[0] :] = self._lever_log_std
         self.optimizer = self.optimizer_class(
             self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )

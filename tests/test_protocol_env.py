@@ -959,3 +959,25 @@ def test_exported_extended_bundle_records_levers_and_live_refuses_it(tmp_path):
     with pytest.raises(ValueError, match="extended protocol") as err:
         BundleScheduler(str(out))
     assert env_id in str(err.value)
+
+
+def test_lever_log_std_widens_exploration_of_the_levers_only():
+    from stable_baselines3 import PPO
+
+    from multispin_env.vector_env import make_sb3_vec_env
+
+    env_id = "multispin/PaperLlama2Pipeline-v0"
+    kwargs = {**_mode_kwargs("residual"), "num_users": 5, "max_users": 6}
+    venv = make_sb3_vec_env(env_id, num_envs=2, seed=0, **kwargs)
+    preset, id_kwargs = resolve_env_id(env_id)
+    probe, _ = build_episodes(preset, {**id_kwargs, **kwargs}, num_envs=1)
+    policy_kwargs = {"hidden": 16, "zero_init": True, "layout": env_layout(probe),
+                     "log_std_init": -2.0, "lever_log_std": -1.0}  # fmt: skip
+    model = PPO(
+        PerUserActorCriticPolicy, venv, n_steps=8, batch_size=16, policy_kwargs=policy_kwargs
+    )
+    log_std = model.policy.log_std.detach().numpy()
+    np.testing.assert_array_equal(log_std[:6], -2.0)  # the lengths block
+    np.testing.assert_array_equal(log_std[6:], -1.0)  # the group block
+    action, _ = model.predict(venv.reset(), deterministic=True)
+    assert np.all(action == 0.0)  # still starts exactly at the base
