@@ -67,30 +67,10 @@ import numpy as np
 
 from multispin_env import rng as crng
 from multispin_env._jit import kernel
+from multispin_env.verification import padded_latency_s
 
 TOKEN_COUNTER_BASE = np.uint64(1 << 45)  # counters of per-token draws: above round/episode ones
 _POSITIONS_PER_ROUND = np.uint64(512)  # > L_max + 1 (L_max <= 256)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_BLOCK_U = np.uint64(4096)
-_INV_2_53 = 1.0 / 9007199254740992.0
-
-
-@kernel
-def _uniform(key, counter, stream, index):
-    """The draw ``crng.uniforms`` gives at (key, counter, stream)[index], one at a time."""
-    base = (counter * np.uint64(crng.NUM_STREAMS) + np.uint64(stream)) * _BLOCK_U
-    z = key + _GOLDEN * (base + np.uint64(1) + np.uint64(index))
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    z = z ^ (z >> np.uint64(31))
-    return (np.float64(z >> np.uint64(11)) + 0.5) * _INV_2_53
-
-
-def token_counter(round_index: int, position: int) -> np.uint64:
-    """Counter of the per-token draws of a round's ``position`` (0-based)."""
-    return TOKEN_COUNTER_BASE + np.uint64(round_index) * _POSITIONS_PER_ROUND + np.uint64(position)
 
 
 # Acklam's rational approximation of the standard normal quantile (relative error < 1.2e-9):
@@ -124,7 +104,7 @@ def _normal_quantile(p):
 def _token_uniform(key, round_index, position, user, draw):
     """Uniform ``draw`` (0: acceptance normal, 1: confidence noise, 2: accept) of a position."""
     counter = TOKEN_COUNTER_BASE + np.uint64(round_index) * _POSITIONS_PER_ROUND
-    return _uniform(key, counter + np.uint64(position), draw, user)
+    return crng.uniform_at(key, counter + np.uint64(position), draw, user)
 
 
 @kernel
@@ -302,9 +282,7 @@ def play_extended_round(
                     g_long[g] = max(g_long[g], drafted[n, k])
             busy, cycle = 0.0, 0.0
             for g in range(num_groups):
-                ver[g] = 0.0
-                if g_count[g] > 0:
-                    ver[g] = t_fix_s + g_count[g] * (t_user_s + t_token_s * (g_long[g] + 1))
+                ver[g] = padded_latency_s(g_count[g], g_long[g], t_fix_s, t_user_s, t_token_s)
                 busy += ver[g]
             for g in range(num_groups):
                 cycle += max(du[g], ver[(g - 1) % num_groups])
@@ -337,9 +315,7 @@ def play_extended_round(
                 if got > 0:
                     count += 1
                     longest = max(longest, got)
-            t_verify_s[n] = 0.0
-            if count > 0:
-                t_verify_s[n] = t_fix_s + count * (t_user_s + t_token_s * (longest + 1))
+            t_verify_s[n] = padded_latency_s(count, longest, t_fix_s, t_user_s, t_token_s)
             round_time_s[n] = t_stop + t_verify_s[n]
         # ---- commit, proactive drafting, energy
         for k in range(n_users):

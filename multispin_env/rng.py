@@ -42,6 +42,15 @@ _NUM_STREAMS_U = np.uint64(NUM_STREAMS)
 
 
 @kernel
+def _finalise(z):
+    """splitmix64's finaliser of state ``z``, as a uniform in (0, 1) (53 bits)."""
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    z = z ^ (z >> _S31)
+    return (np.float64(z >> _S11) + 0.5) * _INV_2_53
+
+
+@kernel
 def _draw_row(key, counter, stream, out):
     """out[k] = uniform draw k of (key, counter, stream): splitmix64 element
     ``(counter * NUM_STREAMS + stream) * 4096 + k + 1`` of the stream seeded with the key.
@@ -49,11 +58,16 @@ def _draw_row(key, counter, stream, out):
     base = (counter * _NUM_STREAMS_U + stream) * _BLOCK_U
     start = key + _GOLDEN * (base + _ONE)
     for k in range(out.shape[0]):
-        z = start + _GOLDEN * np.uint64(k)
-        z = (z ^ (z >> _S30)) * _M1
-        z = (z ^ (z >> _S27)) * _M2
-        z = z ^ (z >> _S31)
-        out[k] = (np.float64(z >> _S11) + 0.5) * _INV_2_53
+        out[k] = _finalise(start + _GOLDEN * np.uint64(k))
+
+
+@kernel
+def uniform_at(key, counter, stream, index):
+    """Draw ``index`` of (key, counter, stream) alone: element ``index`` of what
+    :func:`uniforms` returns for that key, counter and stream (for kernels that need only a
+    few draws, e.g. per drafted token)."""
+    base = (counter * _NUM_STREAMS_U + np.uint64(stream)) * _BLOCK_U
+    return _finalise(key + _GOLDEN * (base + _ONE + np.uint64(index)))
 
 
 @kernel

@@ -25,6 +25,14 @@ class VerificationModel(Protocol):
 
 
 @kernel
+def padded_latency_s(batch, longest, t_fix_s, t_user_s, t_token_s):
+    """t_fix + B t_user + t_token B (longest + 1) for a batch of B users (0 when B = 0)."""
+    if batch <= 0:
+        return 0.0
+    return t_fix_s + batch * t_user_s + t_token_s * batch * (longest + 1)
+
+
+@kernel
 def padded_batch_latency_s(draft_lengths, t_fix_s, t_user_s, t_token_s, out) -> None:
     """out[n] = t_fix + B t_user + t_token B (max_k L + 1), B = users with L > 0 in row n,
     and 0 for an empty batch. Both models below are this law (affine: t_token = 0); the
@@ -36,10 +44,7 @@ def padded_batch_latency_s(draft_lengths, t_fix_s, t_user_s, t_token_s, out) -> 
             if length > 0:
                 batch += 1
             longest = max(longest, length)
-        if batch > 0:
-            out[n] = t_fix_s + batch * t_user_s + t_token_s * batch * (longest + 1)
-        else:
-            out[n] = 0.0
+        out[n] = padded_latency_s(batch, longest, t_fix_s, t_user_s, t_token_s)
 
 
 def _latency(draft_lengths, coefficients: tuple[float, float, float]) -> np.ndarray:
