@@ -150,25 +150,27 @@ class TunedHeuristic:
         latency-equalising split on the margin-scaled channel (equal shares for Uni-BW),
         then the equal-share mix; per pipeline group when ``group`` is given (each group
         has the whole band). For its own lengths it is its own bandwidth."""
-        from multispin_env.allocation import latency_equalising_bandwidth
+        from multispin_env.allocation import groupwise_equalising_bandwidth
 
         lengths = np.asarray(lengths)
-        members = [None] if group is None else [group == g for g in np.unique(group)]
-        bandwidth = np.zeros(lengths.shape)
-        for mask in members:
-            sub = lengths if mask is None else np.where(mask, lengths, 0)
-            if self.scheme == "uni_bw":
-                count = (sub > 0).sum(axis=1, keepdims=True)
-                part = np.where(sub > 0, view.bandwidth_hz / np.maximum(count, 1), 0.0)
-            else:
-                part, _ = latency_equalising_bandwidth(
-                    sub,
-                    view.t_draft_s,
-                    view.spectral_eff_est * self.csi_margin,
-                    view.payload_bits,
-                    view.bandwidth_hz,
-                )
-            bandwidth = bandwidth + (part if mask is None else np.where(mask, part, 0.0))
+        if self.scheme == "uni_bw":  # equal shares of each group's band
+            drafting = lengths > 0
+            groups = (
+                [drafting] if group is None else [drafting & (group == g) for g in np.unique(group)]
+            )
+            bandwidth = np.zeros(lengths.shape)
+            for members in groups:
+                count = np.maximum(members.sum(axis=1, keepdims=True), 1)
+                bandwidth = np.where(members, view.bandwidth_hz / count, bandwidth)
+        else:
+            bandwidth = groupwise_equalising_bandwidth(
+                lengths,
+                view.t_draft_s,
+                view.spectral_eff_est * self.csi_margin,
+                view.payload_bits,
+                view.bandwidth_hz,
+                group,
+            )
         if self.equal_mix > 0:
             bandwidth = _mix_equal(bandwidth, self.equal_mix, view.bandwidth_hz, group)
         return bandwidth

@@ -50,7 +50,7 @@ import numpy as np
 from gymnasium import spaces
 
 from multispin_env._jit import kernel
-from multispin_env.allocation import latency_equalising_bandwidth
+from multispin_env.allocation import groupwise_equalising_bandwidth
 from multispin_env.types import Decision
 
 SHARE_TEMPERATURE = 1.5
@@ -411,22 +411,9 @@ class ActionCodec:
             _box_lengths_kernel(np.ascontiguousarray(a), 1, l_max, lengths)
         else:
             lengths = np.repeat(a.reshape(n, 1) + 1, k, axis=1)
-        if group is None:
-            bandwidth, _ = latency_equalising_bandwidth(
-                lengths, ctx.t_draft_s, ctx.spectral_eff_est, ctx.payload_bits, ctx.bandwidth_hz
-            )
-            return lengths, bandwidth
-        bandwidth = np.zeros((n, k))
-        for g in np.unique(group):
-            mask = group == g
-            part, _ = latency_equalising_bandwidth(
-                np.where(mask, lengths, 0),
-                ctx.t_draft_s,
-                ctx.spectral_eff_est,
-                ctx.payload_bits,
-                ctx.bandwidth_hz,
-            )
-            bandwidth = np.where(mask, part, bandwidth)
+        bandwidth = groupwise_equalising_bandwidth(
+            lengths, ctx.t_draft_s, ctx.spectral_eff_est, ctx.payload_bits, ctx.bandwidth_hz, group
+        )
         return lengths, bandwidth
 
     def encode(self, lengths, bandwidth_hz=None) -> np.ndarray:

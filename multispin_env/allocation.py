@@ -102,3 +102,24 @@ def latency_equalising_bandwidth(
     if len(shape) == 1:
         return out[0], phi[0]
     return out.reshape(shape), phi.reshape(shape[:-1])
+
+
+def groupwise_equalising_bandwidth(
+    draft_lengths, t_draft_s, spectral_eff, payload_bits, bandwidth_hz, group=None
+) -> np.ndarray:
+    """Lemma 3's split within each pipeline group: the users of a group (``group`` ``(N, K)``)
+    upload in turn with the whole band B, so each group's shares sum to B. Without groups it
+    is :func:`latency_equalising_bandwidth`'s bandwidth."""
+    lengths = np.asarray(draft_lengths)
+    if group is None:
+        return latency_equalising_bandwidth(
+            lengths, t_draft_s, spectral_eff, payload_bits, bandwidth_hz
+        )[0]
+    bandwidth = np.zeros(lengths.shape)
+    for g in np.unique(group):
+        mask = group == g
+        part, _ = latency_equalising_bandwidth(
+            np.where(mask, lengths, 0), t_draft_s, spectral_eff, payload_bits, bandwidth_hz
+        )
+        bandwidth = np.where(mask, part, bandwidth)
+    return bandwidth
