@@ -927,7 +927,7 @@ def test_sidecar_action_size_agrees_with_the_codec(env_id, mode):
         validate_sidecar({**meta, "protocol_levers": {"stop": 1, "deadline": False, "groups": 1}})
 
 
-def test_exported_extended_bundle_records_levers_and_live_refuses_it(tmp_path):
+def test_exported_extended_bundle_records_levers_and_live_checks_the_protocol(tmp_path):
     from conftest import TINY_TRAIN_ARGS
 
     from multispin_agents.bundle import PolicyBundle
@@ -956,8 +956,11 @@ def test_exported_extended_bundle_records_levers_and_live_refuses_it(tmp_path):
     learned = run_episodes(LearnedController(run), env_id, [0, 1], horizon_s=0.5)
     np.testing.assert_allclose(metrics.goodput, learned.goodput, rtol=1e-6)
     assert np.all(metrics.goodput > 0)
-    with pytest.raises(ValueError, match="extended protocol") as err:
-        BundleScheduler(str(out))
+    scheduler = BundleScheduler(str(out))  # live mode plays the policy's protocol
+    assert scheduler.levers == ProtocolLevers(deadline=True)
+    scheduler.check_protocol(False, True, 1)
+    with pytest.raises(ValueError, match="--protocol") as err:
+        scheduler.check_protocol(False, False, 1)  # a server playing the synchronous round
     assert env_id in str(err.value)
 
 

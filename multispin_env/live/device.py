@@ -145,14 +145,23 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                     await proto.send_message(writer, proto.message("bye"))
                     break
                 uniforms = None if cfg.greedy else draft_uniforms(msg["sample_seed"], length)
-                t0 = time.thread_time()
-                draft = session.propose(length, uniforms)
-                compute_s = (time.thread_time() - t0) * cfg.speed_factor
+                stop = float(msg.get("stop_threshold", 0.0))
+                if not 0.0 <= stop < 1.0:
+                    cfg.log.append(f"ignored stop_threshold {stop}: not in [0, 1)")
+                    stop = 0.0
+                last_round = msg["round"]
                 rate_bps = msg["bandwidth_hz"] * msg["spectral_eff"]
+                if "deadline_s" in msg:
+                    await _stream_draft(
+                        session, msg, length, uniforms, stop, rate_bps, vocab, writer, cfg
+                    )
+                    continue
+                t0 = time.thread_time()
+                draft = session.propose(length, uniforms, stop)
+                compute_s = (time.thread_time() - t0) * cfg.speed_factor
                 upload_s = draft.payload_bits(vocab, cfg.prob_bits) / max(rate_bps, 1e-9)
                 extra = compute_s * (1 - 1 / cfg.speed_factor) if cfg.speed_factor > 1 else 0.0
                 await asyncio.sleep((extra + upload_s) * cfg.time_scale)
-                last_round = msg["round"]
                 await proto.send_message(
                     writer,
                     proto.message(
@@ -189,6 +198,72 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
     finally:
         writer.close()
     return committed
+
+
+async def _stream_draft(session, msg, length, uniforms, stop, rate_bps, vocab, writer, cfg):
+    """Draft token by token and stream each token with its PMF as soon as it is drafted.
+
+    The emulated uplink is a FIFO: token i reaches the server at a_i = max(a_{i-1}, C_i) + u
+    on the round's timeline (C_i: drafting time so far, u: one token's upload). A token
+    that would arrive after the round's deadline is not sent, and drafting stops there.
+    Wall clock follows the timeline: a sender task sends each token at its arrival time
+    while drafting goes on."""
+    deadline_s = float(msg["deadline_s"])
+    index_bits = int(np.ceil(np.log2(vocab)))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def sender() -> None:
+        while True:
+            at, out = await queue.get()
+            await asyncio.sleep(max(0.0, start + at * cfg.time_scale - loop.time()))
+            await proto.send_message(writer, out)
+            if out["type"] == "draft_end":
+                return
+
+    task = asyncio.create_task(sender())
+    session.begin(length, uniforms, stop)
+    compute_s, arrival_s, count, cut = 0.0, 0.0, 0, 0
+    try:
+        while True:
+            t0 = time.thread_time()
+            step = session.next_token()
+            compute_s += (time.thread_time() - t0) * cfg.speed_factor
+            if step is None:
+                break
+            token, indices, values = step
+            upload_s = indices.shape[0] * (cfg.prob_bits + index_bits) / max(rate_bps, 1e-9)
+            arrival = max(arrival_s, compute_s) + upload_s
+            if arrival > deadline_s:
+                cut = 1  # it would come too late: not sent, and drafting stops
+                break
+            arrival_s = arrival
+            queue.put_nowait(
+                (
+                    arrival_s,
+                    proto.message(
+                        "token",
+                        round=msg["round"],
+                        index=count,
+                        token=int(token),
+                        q_indices=indices.tobytes(),
+                        q_values=values.tobytes(),
+                        compute_s=compute_s,
+                    ),
+                )
+            )
+            count += 1
+            # a slower device (factor > 1) takes its extra drafting time on the wall clock
+            await asyncio.sleep(max(0.0, start + compute_s * cfg.time_scale - loop.time()))
+        session.end(keep=count)
+        end = proto.message(
+            "draft_end", round=msg["round"], count=count, compute_s=compute_s, cut=cut
+        )
+        queue.put_nowait((max(arrival_s, compute_s), end))
+        await task
+    finally:
+        task.cancel()
 
 
 async def _next(reader, cfg: DeviceConfig) -> dict:

@@ -12,7 +12,7 @@ for the run (token ids below the vocabulary, a draft no longer than requested, b
 announced size, a prompt that fits the verifier's context) is checked by the server, which
 knows the models: see :mod:`multispin_env.live.validation`.
 
-Messages (v2; fields in brackets are optional):
+Messages (v3; fields in brackets are optional):
 
 ============  =========  ==========================================================
 type          direction  fields
@@ -25,9 +25,18 @@ welcome       srv -> dev user_id, session (this session's secret: keep it to rej
                          rebuilds its state from the server's record)
 round         srv -> dev round, draft_length, bandwidth_hz, spectral_eff, sample_seed
                          (sampling mode: the device draws its tokens with
-                         speculative.draft_uniforms(sample_seed), so the server can check them)
+                         speculative.draft_uniforms(sample_seed), so the server can check
+                         them), [stop_threshold] (early stop: end the draft when the
+                         drafter's top probability for the next token is below it),
+                         [deadline_s] (stream the draft token by token; tokens that would
+                         reach the server after deadline_s on the round's timeline are not
+                         sent)
 draft         dev -> srv round, tokens, q_indices (int32 bytes), q_values (fp16 bytes),
                          kept, compute_s (drafting CPU time x speed factor), upload_s
+token         dev -> srv round, index, token, q_indices, q_values (one PMF row),
+                         compute_s (drafting time from the round's start to this token)
+draft_end     dev -> srv round, count (tokens streamed), compute_s (all drafting time),
+                         cut (1: the deadline cut the draft, 0: it ended on its own)
 result        srv -> dev round, accepted, committed
 end           srv -> dev reason (the user's request is over, e.g. the verifier's context
                          is full; the device leaves with what it has)
@@ -46,7 +55,7 @@ import struct
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # what a device accepts from the server
 MAX_ID_CHARS = 64
 MAX_TOKENS_PER_LIST = 1 << 16  # form check only; the server applies the real limits
@@ -75,6 +84,15 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "compute_s": (int, float),
         "upload_s": (int, float),
     },
+    "token": {
+        "round": int,
+        "index": int,
+        "token": int,
+        "q_indices": bytes,
+        "q_values": bytes,
+        "compute_s": (int, float),
+    },
+    "draft_end": {"round": int, "count": int, "compute_s": (int, float), "cut": int},
     "result": {"round": int, "accepted": int, "committed": list},
     "end": {"reason": str},
     "ping": {},
@@ -83,6 +101,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"session": str, "auth": str},
+    "round": {"stop_threshold": (int, float), "deadline_s": (int, float)},
 }
 
 

@@ -52,25 +52,24 @@ class OnlineVerificationModel:
 
 class BundleScheduler:
     """An exported policy as a live scheduler: it reads the env's observation vector (built
-    by the server with the env's builder) and its action is decoded by the env's codec."""
+    by the server with the env's builder) and its action is decoded by the env's codec,
+    extended-protocol levers included (the server must play the protocol it was trained
+    for: :attr:`levers`)."""
 
     uses_observation = True
 
     def __init__(self, folder: str) -> None:
         from multispin_agents.bundle import PolicyBundle
-        from multispin_env.action_codec import ActionCodec
+        from multispin_env.action_codec import ActionCodec, ProtocolLevers
 
         self.bundle = PolicyBundle(folder)
-        levers = self.bundle.meta.get("protocol_levers")
-        if levers and (levers["stop"] or levers["deadline"] or levers["groups"] > 1):
-            raise ValueError(
-                f"bundle {folder} was trained for an extended protocol "
-                f"({self.bundle.meta['env_id']}), which live mode does not run yet: it plays the "
-                "synchronous round. Deploy a "
-                "policy trained on a synchronous id (e.g. multispin/RealisticLlama2-v0)"
-            )
+        levers = self.bundle.meta.get("protocol_levers") or {}
+        self.levers = ProtocolLevers(**levers) if levers else ProtocolLevers()
         self.codec = ActionCodec(
-            self.bundle.action_mode, self.bundle.max_users, self.bundle.max_draft_length
+            self.bundle.action_mode,
+            self.bundle.max_users,
+            self.bundle.max_draft_length,
+            self.levers,
         )
         self.name = f"bundle:{folder}"
         self._checked = False
@@ -82,11 +81,29 @@ class BundleScheduler:
 
             self.base = TunedHeuristic.parse(base)
 
-    def base_allocation(self, view):
-        """The base heuristic's decision on the server's view (None without a base)."""
-        return None if self.base is None else self.base.act(view)
+    def check_protocol(self, early_stop: bool, streaming_deadline: bool, groups: int) -> None:
+        """Refuse a server protocol other than the one the policy was trained for."""
+        played = (bool(early_stop), bool(streaming_deadline), int(groups))
+        trained = (self.levers.stop, self.levers.deadline, self.levers.groups)
+        if played != trained:
+            raise ValueError(
+                f"bundle {self.name[7:]} was trained on {self.bundle.meta['env_id']} "
+                f"(early stop {trained[0]}, deadline {trained[1]}, groups {trained[2]}); the "
+                f"server plays early stop {played[0]}, deadline {played[1]}, groups "
+                f"{played[2]}: pass the policy's --protocol"
+            )
 
-    def act(self, view, obs: np.ndarray, feature_names=None, base=None):
+    def base_decision(self, view):
+        """The base heuristic's decision on the server's view (None without a base)."""
+        return None if self.base is None else self.base.decide(view)
+
+    def base_allocation(self, view):
+        """The base heuristic's (lengths, bandwidth) on the server's view (None without)."""
+        base = self.base_decision(view)
+        return None if base is None else (base.draft_lengths, base.bandwidth_hz)
+
+    def decide(self, view, obs: np.ndarray, feature_names=None, base=None):
+        """The decision (a :class:`~multispin_env.types.Decision`) for the observation."""
         from multispin_env.action_codec import DecisionContext
 
         if feature_names is not None and not self._checked:
@@ -95,10 +112,17 @@ class BundleScheduler:
             self._checked = True
         action = self.bundle.act(obs)
         if self.base is not None and base is None:
-            base = self.base_allocation(view)
+            base = self.base_decision(view)
         base_fields = ()
         if base is not None:
-            base_fields = (*base, lambda lengths: self.base.bandwidth_for(view, lengths))
+            base_fields = (
+                base.draft_lengths,
+                base.bandwidth_hz,
+                lambda lengths, group=None: self.base.bandwidth_for(view, lengths, group),
+                base.stop_threshold,
+                base.deadline_s,
+                base.group,
+            )
         ctx = DecisionContext(
             view.spectral_eff_est,
             view.t_draft_s,
@@ -106,7 +130,14 @@ class BundleScheduler:
             view.bandwidth_hz,
             *base_fields,
         )
-        return self.codec.decode(action, ctx)
+        return self.codec.decode_decision(self.codec.check(action), ctx)
+
+    def act(self, view, obs: np.ndarray, feature_names=None, base=None):
+        """(lengths, bandwidth) of the synchronous round."""
+        if base is not None and not hasattr(base, "draft_lengths"):
+            base = None  # an old-style (lengths, bandwidth) pair: recompute the decision
+        decision = self.decide(view, obs, feature_names, base)
+        return decision.draft_lengths, decision.bandwidth_hz
 
 
 def make_scheduler(name: str):
@@ -117,14 +148,7 @@ def make_scheduler(name: str):
     if name.startswith(("tuned[", "tuned:")):  # a tuned heuristic (multispin tune)
         from multispin_agents.tuned import TunedHeuristic
 
-        heuristic = TunedHeuristic.parse(name)
-        if heuristic._protocol_suffix():
-            raise ValueError(
-                f"scheduler {name!r} has extended-protocol knobs ({heuristic.name}), which live "
-                "mode would ignore: it plays the synchronous round. Use the synchronous tuned "
-                "heuristic (e.g. tuned:results/tuned/realisticllama2-v0.json)"
-            )
-        return heuristic
+        return TunedHeuristic.parse(name)
     if name not in SCHEDULERS:
         raise ValueError(
             f"scheduler {name!r}; choose one of {SCHEDULERS}, tuned[...], tuned:PATH or "

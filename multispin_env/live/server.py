@@ -48,14 +48,25 @@ from pathlib import Path
 
 import numpy as np
 
+from multispin_env.action_codec import ProtocolLevers
 from multispin_env.config import load_preset
 from multispin_env.episodes import ServerView
 from multispin_env.live import protocol as proto
+from multispin_env.live.rounds import Answer, Assignment, Played, make_round_protocol
 from multispin_env.live.scheduler import BundleScheduler, OnlineVerificationModel
 from multispin_env.live.speculative import DecodingConfig, VerifierServer, draft_uniforms
-from multispin_env.live.validation import Rejected, RunLimits, check_hello, parse_draft
+from multispin_env.live.validation import (
+    MAX_REPORTED_TIME_S,
+    Rejected,
+    RunLimits,
+    check_hello,
+    check_stream_token,
+    parse_draft,
+    stream_arrivals_s,
+)
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.physics import spectral_efficiency
+from multispin_env.types import Decision
 
 
 @dataclass
@@ -88,6 +99,8 @@ class LiveConfig:
             time; a device that stops reading is disconnected instead of stalling the round.
         auth_token: deployment token every hello must carry (None: no token; required when
             listening on a non-loopback address).
+        early_stop, streaming_deadline, pipeline_groups: the round protocol, as the
+            simulator's switches (:mod:`multispin_env.live.rounds`).
     """
 
     max_users: int = 8
@@ -112,6 +125,9 @@ class LiveConfig:
     heartbeat_s: float = 2.0
     send_timeout_s: float = 2.0
     auth_token: str | None = None
+    early_stop: bool = False
+    streaming_deadline: bool = False
+    pipeline_groups: int = 1
 
     def __post_init__(self) -> None:
         positive = (
@@ -133,6 +149,15 @@ class LiveConfig:
                 raise ValueError(f"LiveConfig.{name}={value!r} must be an integer >= 1")
         if self.rejoin_grace_s < 0:
             raise ValueError(f"LiveConfig.rejoin_grace_s={self.rejoin_grace_s} must be >= 0")
+        if isinstance(self.pipeline_groups, bool) or not 1 <= self.pipeline_groups <= 8:
+            raise ValueError(
+                f"LiveConfig.pipeline_groups={self.pipeline_groups!r} must be an integer in 1..8"
+            )
+        if self.streaming_deadline and self.pipeline_groups > 1:
+            raise ValueError(
+                "LiveConfig: streaming_deadline and pipeline_groups > 1 do not combine (as in "
+                "the simulator); pick one"
+            )
         if self.auth_token is not None and len(self.auth_token) < 8:
             raise ValueError("LiveConfig.auth_token must have at least 8 characters")
 
@@ -162,6 +187,8 @@ class RoundRecord:
     wall_s: float
     dropped: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
+    protocol: str = "sync"
+    phases: list = field(default_factory=list)  # pipelined groups: one entry per phase
 
 
 class EdgeServer:
@@ -172,6 +199,9 @@ class EdgeServer:
         self.decoding = DecodingConfig(cfg.greedy, cfg.temperature, cfg.kept_vocab)
         self.verifier = VerifierServer(verifier, self.decoding, np.random.default_rng(cfg.seed))
         self.scheduler = scheduler
+        if isinstance(scheduler, BundleScheduler):  # a policy runs in its own protocol only
+            scheduler.check_protocol(cfg.early_stop, cfg.streaming_deadline, cfg.pipeline_groups)
+        self.round_protocol = make_round_protocol(cfg.streaming_deadline, cfg.pipeline_groups)
         self.vocab_size = vocab_size
         self.payload_bits = min(cfg.kept_vocab, vocab_size) * (
             16 + int(np.ceil(np.log2(vocab_size)))
@@ -200,6 +230,8 @@ class EdgeServer:
         self.max_connections = cfg.max_connections or 2 * cfg.max_users + 4
         self._round = -1
         self._expected: set[str] = set()
+        self._open: dict[str, Assignment] = {}
+        self._streams: dict[str, list] = {}
         self._requested: dict[str, int] = {}
         self._inbox: dict = {}
         self._rejected: set[str] = set()
@@ -329,6 +361,10 @@ class EdgeServer:
                     break  # the session rejoined on another connection
                 if msg["type"] == "draft":
                     await self._receive_draft(user, msg, writer)
+                elif msg["type"] == "token":
+                    await self._receive_token(user, msg, writer)
+                elif msg["type"] == "draft_end":
+                    await self._receive_draft_end(user, msg, writer)
                 elif msg["type"] == "bye":
                     user.ended = True  # frees the slot
                     user.end_reason = user.end_reason or "bye"
@@ -442,21 +478,19 @@ class EdgeServer:
         user.writer, user.disconnected_at, user.missed_rounds = writer, None, 0
         return user
 
-    async def _receive_draft(self, user: _User, msg: dict, writer) -> None:
+    async def _admit(self, user: _User, msg: dict, writer, streamed: bool) -> bool:
+        """Is this draft (or streamed token) for the open round, from a device expected in
+        it that has not answered yet, in the round's mode? Replies the error if not."""
         device_id = user.device_id
         if msg["round"] != self._round:
-            await self._reply_error(
-                writer,
-                "out_of_order",
-                f"draft for round {msg['round']} while round {self._round} is open; not applied",
-                device_id,
-            )
-            return
+            what = f"{msg['type']} for round {msg['round']} while round {self._round} is open"
+            await self._reply_error(writer, "out_of_order", f"{what}; not applied", device_id)
+            return False
         if device_id in self._inbox or device_id in self._rejected:
             await self._reply_error(
                 writer, "duplicate", f"a second draft for round {self._round}", device_id
             )
-            return
+            return False
         if device_id not in self._expected:
             await self._reply_error(
                 writer,
@@ -464,19 +498,127 @@ class EdgeServer:
                 f"round {self._round} is closed for this device (late, or not scheduled in it)",
                 device_id,
             )
+            return False
+        if streamed != self.round_protocol.streams:
+            want = "token + draft_end messages" if self.round_protocol.streams else "one draft"
+            self._rejected.add(device_id)
+            await self._reply_error(
+                writer,
+                "bad_draft",
+                f"{msg['type']} in a {self.round_protocol.name} round, which takes {want} "
+                f"(round {self._round})",
+                device_id,
+            )
+            self._check_arrived()
+            return False
+        return True
+
+    def _check_arrived(self) -> None:
+        if self._expected <= set(self._inbox) | self._rejected:
+            self._arrived.set()
+
+    async def _reject(self, user: _User, writer, err: Rejected) -> None:
+        # its answer for this round is "nothing": the others need not wait for it
+        self._rejected.add(user.device_id)
+        self._streams.pop(user.device_id, None)
+        await self._reply_error(writer, err.code, f"{err} (round {self._round})", user.device_id)
+        self._check_arrived()
+
+    async def _receive_draft(self, user: _User, msg: dict, writer) -> None:
+        if not await self._admit(user, msg, writer, streamed=False):
             return
+        device_id = user.device_id
         try:
             uniforms = None
             if not self.decoding.greedy:  # sampling: the tokens must be the seed's draws
                 uniforms = draft_uniforms(self._sample_seeds[device_id], len(msg["tokens"]))
             draft = parse_draft(msg, self._requested[device_id], self.limits, uniforms)
-            self._inbox[device_id] = (draft, msg)
         except Rejected as err:
-            # its answer for this round is "nothing": the others need not wait for it
-            self._rejected.add(device_id)
-            await self._reply_error(writer, err.code, f"{err} (round {self._round})", device_id)
-        if self._expected <= set(self._inbox) | self._rejected:
-            self._arrived.set()
+            await self._reject(user, writer, err)
+            return
+        compute_s, upload_s = float(msg["compute_s"]), float(msg["upload_s"])
+        self._inbox[device_id] = Answer(
+            draft,
+            compute_s,
+            upload_s,
+            compute_s + upload_s,
+            round=self._round,
+            tokens_drafted=len(draft.tokens),
+        )
+        self._check_arrived()
+
+    async def _receive_token(self, user: _User, msg: dict, writer) -> None:
+        """One streamed token: kept until the stream's draft_end (values checked there)."""
+        if not await self._admit(user, msg, writer, streamed=True):
+            return
+        stream = self._streams.setdefault(user.device_id, [])
+        try:
+            check_stream_token(msg, len(stream), self._requested[user.device_id], self.limits.kept)
+        except Rejected as err:
+            await self._reject(user, writer, err)
+            return
+        stream.append(msg)
+
+    async def _receive_draft_end(self, user: _User, msg: dict, writer) -> None:
+        """The end of a streamed draft: check it whole, keep the prefix that reached the
+        server by the deadline on the round's timeline."""
+        if not await self._admit(user, msg, writer, streamed=True):
+            return
+        device_id = user.device_id
+        stream = self._streams.pop(device_id, [])
+        a = self._open[device_id]
+        try:
+            if msg["count"] != len(stream):
+                raise Rejected(
+                    "bad_draft",
+                    f"draft_end.count={msg['count']} but {len(stream)} tokens were streamed",
+                )
+            if msg["cut"] not in (0, 1):
+                raise Rejected("bad_draft", f"draft_end.cut={msg['cut']} must be 0 or 1")
+            compute_s = float(msg["compute_s"])
+            times = [float(t["compute_s"]) for t in stream]
+            if not (np.isfinite(compute_s) and 0 <= compute_s <= MAX_REPORTED_TIME_S) or (
+                times and compute_s < times[-1]
+            ):
+                raise Rejected(
+                    "bad_draft",
+                    f"draft_end.compute_s={compute_s!r} must be in [0, {MAX_REPORTED_TIME_S:g}] "
+                    "s and at least the last token's compute_s",
+                )
+            rate_bps = max(a.bandwidth_hz * a.spectral_eff, 1e-9)
+            per_token_s = self.payload_bits / rate_bps
+            arrivals = stream_arrivals_s(times, per_token_s)
+            deadline = np.inf if a.deadline_s is None else a.deadline_s
+            kept = int(np.sum(arrivals <= deadline * (1 + 1e-9)))  # the rest came too late
+            cut = bool(msg["cut"]) or kept < len(stream)
+            draft = None
+            if kept:
+                whole = {
+                    "tokens": [t["token"] for t in stream[:kept]],
+                    "q_indices": b"".join(t["q_indices"] for t in stream[:kept]),
+                    "q_values": b"".join(t["q_values"] for t in stream[:kept]),
+                    "kept": self.limits.kept,
+                    "compute_s": compute_s,
+                    "upload_s": kept * per_token_s,
+                }
+                uniforms = None
+                if not self.decoding.greedy:
+                    uniforms = draft_uniforms(self._sample_seeds[device_id], kept)
+                draft = parse_draft(whole, self._requested[device_id], self.limits, uniforms)
+        except Rejected as err:
+            await self._reject(user, writer, err)
+            return
+        finish_s = deadline if cut or not kept else float(arrivals[kept - 1])
+        self._inbox[device_id] = Answer(
+            draft,
+            compute_s,
+            kept * per_token_s,
+            finish_s,
+            cut=cut,
+            round=self._round,
+            tokens_drafted=len(stream) + int(bool(msg["cut"])),
+        )
+        self._check_arrived()
 
     async def wait_for_users(self, count: int, timeout_s: float = 60.0) -> None:
         deadline = time.perf_counter() + timeout_s
@@ -500,6 +642,9 @@ class EdgeServer:
             verification=self.verification,
             oracle_alpha=None,
             oracle_spectral_eff=None,
+            early_stop=self.cfg.early_stop,
+            streaming_deadline=self.cfg.streaming_deadline,
+            pipeline_groups=self.cfg.pipeline_groups,
         )
 
     def _observation_spec(self) -> ObservationSpec:
@@ -510,12 +655,28 @@ class EdgeServer:
             payload_bits=float(self.payload_bits),
             bandwidth_hz=self.bandwidth_hz,
             observe_base=getattr(self.scheduler, "base", None) is not None,
+            levers=ProtocolLevers(
+                self.cfg.early_stop, self.cfg.streaming_deadline, self.cfg.pipeline_groups
+            ),
         )
 
     def observation(self, users: list[_User], r_est: np.ndarray, base=None) -> np.ndarray:
         """The env's observation vector ``(1, size)`` for the connected users, built by the
-        same builder and history as in simulation (users fill slots 0..K-1 in slot order)."""
+        same builder and history as in simulation (users fill slots 0..K-1 in slot order).
+        ``base``: the base heuristic's :class:`~multispin_env.types.Decision` (or its
+        (lengths, bandwidth)). No device drafts ahead in live mode, so ``predrafted`` is 0."""
         spec = self._observation_spec()
+        protocol = None
+        if spec.levers.any:
+            protocol = {"predrafted": np.zeros((1, len(users)))}
+            if base is not None:
+                protocol |= {
+                    "base_stop": base.stop_threshold,
+                    "base_group": base.group,
+                    "base_deadline": base.deadline_s,
+                }
+        if base is not None and hasattr(base, "draft_lengths"):
+            base = (base.draft_lengths, base.bandwidth_hz)
         elapsed = sum(r.timeline_s for r in self.records)
         horizon_frac = (elapsed % self.cfg.horizon_s) / self.cfg.horizon_s
         return build_observation(
@@ -527,6 +688,7 @@ class EdgeServer:
             np.array([horizon_frac]),
             base_lengths=None if base is None else base[0],
             base_bandwidth_hz=None if base is None else base[1],
+            protocol=protocol,
         )
 
     def context_room(self, user: _User) -> int:
@@ -538,79 +700,63 @@ class EdgeServer:
         user.ended, user.end_reason = True, reason
         await self._send(user.writer, proto.message("end", reason=reason))
 
-    async def play_round(self) -> RoundRecord | None:
-        for user in self.connected:  # requests that no longer fit end here, cleanly
-            if self.context_room(user) < 1:
-                await self._end_request(user, "context_full")
-        users = [u for u in self.connected if not u.ended]
-        if not users:
-            return None
-        wall0 = time.perf_counter()
+    # ------------------------------------------------------------ shared round parts
+    def open_round(self, assignments: list[Assignment]) -> int:
+        """Open a wire round for these users: from now on their drafts (or streamed tokens)
+        for it are accepted. The whole round is expected before the first send yields: a
+        device that leaves (or answers) while others are still sent to must not end it."""
         self._round += 1
-        sc = self.scenario
-        gains = np.array([u.mean_gain for u in users]) * self.rng.exponential(size=len(users))
-        r_true = spectral_efficiency(sc.tx_power_w, gains, sc.noise_power_w)
-        estimate = gains
-        if self.cfg.csi_error_std > 0:
-            h = np.sqrt(gains) * np.exp(2j * np.pi * self.rng.random(len(users)))
-            e = (
-                self.cfg.csi_error_std
-                * np.sqrt(np.array([u.mean_gain for u in users]) / 2)
-                * (self.rng.standard_normal(len(users)) + 1j * self.rng.standard_normal(len(users)))
-            )
-            estimate = np.abs(h + e) ** 2
-        r_est = spectral_efficiency(sc.tx_power_w, estimate, sc.noise_power_w)
-        view = self._view(users, r_est)
-        if getattr(self.scheduler, "uses_observation", False):  # e.g. an exported policy
-            if isinstance(self.scheduler, BundleScheduler):
-                base = self.scheduler.base_allocation(view)
-                obs = self.observation(users, r_est, base)
-                names = self._observation_spec().feature_names
-                lengths, bandwidth = self.scheduler.act(view, obs, names, base)
-            else:
-                lengths, bandwidth = self.scheduler.act(view, self.observation(users, r_est))
-        else:
-            lengths, bandwidth = self.scheduler.act(view)
-        # near the context limit a draft is shortened to what still fits
-        lengths = [
-            max(1, min(int(length), self.context_room(u)))
-            for u, length in zip(users, lengths[0], strict=True)
-        ]
-        bandwidth = bandwidth[0]
         self._inbox, self._rejected, self._arrived = {}, set(), asyncio.Event()
-        seeds = self.sample_rng.integers(0, 2**62, size=len(users))
-        self._sample_seeds = {u.device_id: int(x) for u, x in zip(users, seeds, strict=True)}
-        # the whole round is expected before the first send yields: a device that leaves (or
-        # answers) while the others are still being sent to must not end the round early
-        self._expected = {u.device_id for u in users}
-        self._requested = {u.device_id: int(x) for u, x in zip(users, lengths, strict=True)}
-        for u, length, bw, r in zip(users, lengths, bandwidth, r_true, strict=True):
-            sent = await self._send(
-                u.writer,
-                proto.message(
-                    "round",
-                    round=self._round,
-                    draft_length=int(length),
-                    bandwidth_hz=float(bw),
-                    spectral_eff=float(r),
-                    sample_seed=self._sample_seeds[u.device_id],
-                ),
-            )
-            if not sent:
-                self._expected.discard(u.device_id)
+        self._streams = {}
+        self._open = {a.device_id: a for a in assignments}
+        self._expected = set(self._open)
+        self._requested = {a.device_id: a.draft_length for a in assignments}
+        seeds = self.sample_rng.integers(0, 2**62, size=len(assignments))
+        self._sample_seeds = {a.device_id: int(x) for a, x in zip(assignments, seeds, strict=True)}
+        if not self._expected:
+            self._arrived.set()
+        return self._round
+
+    async def send_round(self, a: Assignment) -> None:
+        """The ``round`` message of one user (not expected any more if it cannot be sent)."""
+        fields = {}
+        if a.stop_threshold > 0:
+            fields["stop_threshold"] = float(a.stop_threshold)
+        if a.deadline_s is not None:
+            fields["deadline_s"] = float(min(a.deadline_s, MAX_REPORTED_TIME_S))
+        sent = await self._send(
+            a.user.writer,
+            proto.message(
+                "round",
+                round=self._round,
+                draft_length=int(a.draft_length),
+                bandwidth_hz=float(a.bandwidth_hz),
+                spectral_eff=float(a.spectral_eff),
+                sample_seed=self._sample_seeds[a.device_id],
+                **fields,
+            ),
+        )
+        if not sent:
+            self._expected.discard(a.device_id)
         if self._expected <= set(self._inbox) | self._rejected:
             self._arrived.set()
+
+    async def collect(self) -> tuple[dict, list, list]:
+        """Wait for the open round's answers (all in, or ``round_timeout_s``); close it.
+        Returns ({device id: Answer}, rejected ids, dropped ids). A device that missed
+        ``max_missed_rounds`` rounds in a row is disconnected."""
         if self._expected:
             try:
                 await asyncio.wait_for(self._arrived.wait(), self.cfg.round_timeout_s)
             except asyncio.TimeoutError:
                 pass
-        received = {d: m for d, m in self._inbox.items() if d in self._expected}
+        answers = {d: ans for d, ans in self._inbox.items() if d in self._expected}
         rejected = sorted(self._rejected)
         self._expected = set()
-        dropped = [u.device_id for u in users if u.device_id not in received]
-        for u in users:
-            if u.device_id in received or u.device_id in self._rejected:
+        dropped = [d for d in self._open if d not in answers and d not in self._rejected]
+        for device_id, a in self._open.items():
+            u = a.user
+            if device_id in answers or device_id in self._rejected:
                 u.missed_rounds = 0
             elif u.writer is not None:
                 u.missed_rounds += 1
@@ -621,62 +767,175 @@ class EdgeServer:
                         "unresponsive",
                         f"no draft in {u.missed_rounds} rounds in a row; disconnecting "
                         "(rejoin with the session secret to continue)",
-                        u.device_id,
+                        device_id,
                     )
                     writer = u.writer
                     self._disconnect(u, writer)
                     writer.close()
-        drafts = {d: draft for d, (draft, _) in received.items()}
-        received = {d: msg for d, (_, msg) in received.items()}
-        verify_s, results = 0.0, {}
-        if drafts:
-            t0 = time.perf_counter()
-            results = self.verifier.verify(drafts)
-            verify_s = time.perf_counter() - t0
-            self.verification.observe(
-                len(drafts), max(len(d.tokens) for d in drafts.values()), verify_s
-            )
-        rows = []
-        drafted = np.zeros((1, self.cfg.max_users))
-        accepted_arr = np.zeros((1, self.cfg.max_users))
-        for u, length, bw, r in zip(users, lengths, bandwidth, r_true, strict=True):
-            row = {
-                "device_id": u.device_id,
-                "slot": u.slot,
-                "draft_length": int(length),
-                "bandwidth_hz": float(bw),
-                "spectral_eff": float(r),
-                "dropped": u.device_id in dropped,
-                "rejected": u.device_id in self._rejected,
-            }
-            if u.device_id in results:
-                m, committed = results[u.device_id]
-                msg = received[u.device_id]
-                row |= {
-                    "accepted": m,
-                    "committed": len(committed),
-                    "compute_s": msg["compute_s"],
-                    "upload_s": msg["upload_s"],
-                }
-                per_token_s = msg["compute_s"] / len(msg["tokens"])
-                u.t_draft_est_s = 0.7 * u.t_draft_est_s + 0.3 * per_token_s
-                drafted[0, u.slot], accepted_arr[0, u.slot] = len(msg["tokens"]), m
-                # if this fails, it is committed on the server; the device gets it on rejoin
-                await self._send(
-                    u.writer,
-                    proto.message("result", round=self._round, accepted=m, committed=committed),
-                )
-            rows.append(row)
-        served = [row for row in rows if "accepted" in row]
-        timeline = (
-            max(row["compute_s"] + row["upload_s"] for row in served) + verify_s if served else 0.0
+        return answers, rejected, dropped
+
+    async def verify_and_reply(self, answers: dict) -> tuple[dict, float]:
+        """Verify every non-empty draft in ONE batched forward and send the results.
+        Returns ({device id: (accepted, committed)}, verification seconds)."""
+        drafts = {d: ans.draft for d, ans in answers.items() if ans.draft is not None}
+        if not drafts:
+            return {}, 0.0
+        t0 = time.perf_counter()
+        results = self.verifier.verify(drafts)
+        verify_s = time.perf_counter() - t0
+        self.verification.observe(
+            len(drafts), max(len(d.tokens) for d in drafts.values()), verify_s
         )
+        for device_id, (m, committed) in results.items():
+            user = self.users[device_id]
+            # if this fails, it is committed on the server; the device gets it on rejoin
+            await self._send(
+                user.writer,
+                proto.message(
+                    "result", round=answers[device_id].round, accepted=m, committed=committed
+                ),
+            )
+        return results, verify_s
+
+    def row(self, a: Assignment, answer: Answer | None, results: dict, dropped: list) -> dict:
+        """One user's line of the round record (and its drafting-speed estimate)."""
+        u = a.user
+        row = {
+            "device_id": u.device_id,
+            "slot": u.slot,
+            "group": a.group,
+            "draft_length": int(a.draft_length),
+            "bandwidth_hz": float(a.bandwidth_hz),
+            "spectral_eff": float(a.spectral_eff),
+            "dropped": u.device_id in dropped,
+            "rejected": answer is None and u.device_id not in dropped,
+        }
+        if answer is None:
+            return row
+        drafted = 0 if answer.draft is None else len(answer.draft.tokens)
+        m, committed = results.get(u.device_id, (0, []))
+        row |= {
+            "drafted": drafted,
+            "accepted": m,
+            "committed": len(committed),
+            "compute_s": answer.compute_s,
+            "upload_s": answer.upload_s,
+            "finish_s": a.offset_s + answer.finish_s,
+            "cut": answer.cut,
+        }
+        if drafted:
+            per_token_s = answer.compute_s / max(answer.tokens_drafted, 1)
+            u.t_draft_est_s = 0.7 * u.t_draft_est_s + 0.3 * per_token_s
+        return row
+
+    # ---------------------------------------------------------------- rounds
+    async def play_round(self) -> RoundRecord | None:
+        """One round (one cycle of every group under pipelining): channel, decision, the
+        protocol piece's message flow and verification, history and record."""
+        for user in self.connected:  # requests that no longer fit end here, cleanly
+            if self.context_room(user) < 1:
+                await self._end_request(user, "context_full")
+        users = [u for u in self.connected if not u.ended]
+        if not users:
+            return None
+        wall0 = time.perf_counter()
+        r_true, r_est = self._draw_channel(users)
+        assignments = self._assign(users, r_true, r_est)
+        played = await self.round_protocol.play(self, assignments)
+        return self._finish_round(played, wall0)
+
+    async def flush(self) -> RoundRecord | None:
+        """Verify drafts still waiting at the end of a run (the last pipeline group)."""
+        wall0 = time.perf_counter()
+        played = await self.round_protocol.flush(self)
+        return None if played is None else self._finish_round(played, wall0)
+
+    def _draw_channel(self, users: list[_User]) -> tuple[np.ndarray, np.ndarray]:
+        """(true, estimated) spectral efficiency: Rayleigh block fading around each device's
+        mean gain, seen by the scheduler with the configured CSI error."""
+        sc = self.scenario
+        mean_gain = np.array([u.mean_gain for u in users])
+        gains = mean_gain * self.rng.exponential(size=len(users))
+        r_true = spectral_efficiency(sc.tx_power_w, gains, sc.noise_power_w)
+        estimate = gains
+        if self.cfg.csi_error_std > 0:
+            h = np.sqrt(gains) * np.exp(2j * np.pi * self.rng.random(len(users)))
+            e = (
+                self.cfg.csi_error_std
+                * np.sqrt(mean_gain / 2)
+                * (self.rng.standard_normal(len(users)) + 1j * self.rng.standard_normal(len(users)))
+            )
+            estimate = np.abs(h + e) ** 2
+        return r_true, spectral_efficiency(sc.tx_power_w, estimate, sc.noise_power_w)
+
+    def _decide(self, users: list[_User], r_est: np.ndarray) -> Decision:
+        """The scheduler's decision on the server's view, with the protocol's defaults for
+        levers it leaves out (never stop early, no deadline, user k in group k mod G)."""
+        view = self._view(users, r_est)
+        if isinstance(self.scheduler, BundleScheduler):
+            base = self.scheduler.base_decision(view)
+            obs = self.observation(users, r_est, base)
+            names = self._observation_spec().feature_names
+            decision = self.scheduler.decide(view, obs, names, base)
+        elif getattr(self.scheduler, "uses_observation", False):
+            decision = Decision(*self.scheduler.act(view, self.observation(users, r_est)))
+        elif hasattr(self.scheduler, "decide"):
+            decision = self.scheduler.decide(view)
+        else:
+            decision = Decision(*self.scheduler.act(view))
+        return decision
+
+    def _assign(self, users: list[_User], r_true: np.ndarray, r_est: np.ndarray) -> list:
+        decision = self._decide(users, r_est)
+        k = len(users)
+        # near the context limit a draft is shortened to what still fits
+        lengths = [
+            max(1, min(int(length), self.context_room(u)))
+            for u, length in zip(users, decision.draft_lengths[0], strict=True)
+        ]
+        stop = np.zeros(k) if decision.stop_threshold is None else decision.stop_threshold[0]
+        if not self.cfg.early_stop:
+            stop = np.zeros(k)
+        deadline = None
+        if self.cfg.streaming_deadline:
+            deadline = np.inf if decision.deadline_s is None else float(decision.deadline_s[0])
+            deadline = min(deadline, MAX_REPORTED_TIME_S)
+        groups = self.cfg.pipeline_groups
+        group = np.arange(k) % groups if decision.group is None else decision.group[0]
+        return [
+            Assignment(
+                u,
+                length,
+                float(bw),
+                float(r),
+                float(threshold),
+                deadline,
+                int(g),
+            )
+            for u, length, bw, r, threshold, g in zip(
+                users, lengths, decision.bandwidth_hz[0], r_true, stop, group, strict=True
+            )
+        ]
+
+    def _finish_round(self, played: Played, wall0: float) -> RoundRecord:
+        drafted = np.zeros((1, self.cfg.max_users))
+        accepted = np.zeros((1, self.cfg.max_users))
         share = np.zeros((1, self.cfg.max_users))
-        for u, bw in zip(users, bandwidth, strict=True):
-            share[0, u.slot] = bw / self.bandwidth_hz
-        self.history.update(drafted, accepted_arr, share, np.array([timeline]))
+        for row in played.rows:
+            share[0, row["slot"]] = row["bandwidth_hz"] / self.bandwidth_hz
+            if "accepted" in row:
+                drafted[0, row["slot"]], accepted[0, row["slot"]] = row["drafted"], row["accepted"]
+        self.history.update(drafted, accepted, share, np.array([played.timeline_s]))
         record = RoundRecord(
-            self._round, rows, verify_s, timeline, time.perf_counter() - wall0, dropped, rejected
+            self._round,
+            played.rows,
+            played.verify_s,
+            played.timeline_s,
+            time.perf_counter() - wall0,
+            played.dropped,
+            played.rejected,
+            self.round_protocol.name,
+            played.phases,
         )
         self.records.append(record)
         if self.cfg.trace_path:
@@ -686,13 +945,20 @@ class EdgeServer:
 
     def summary(self) -> dict:
         tokens = sum(row.get("committed", 0) for rec in self.records for row in rec.users)
-        drafted = sum(
-            row["draft_length"] for rec in self.records for row in rec.users if "accepted" in row
-        )
+        drafted = sum(row.get("drafted", 0) for rec in self.records for row in rec.users)
         accepted = sum(row.get("accepted", 0) for rec in self.records for row in rec.users)
         timeline = sum(rec.timeline_s for rec in self.records)
         wall = sum(rec.wall_s for rec in self.records)
+        busy_by_device: dict[str, float] = {}
+        for rec in self.records:
+            for row in rec.users:
+                if "compute_s" in row:
+                    busy = row["compute_s"] + row["upload_s"]
+                    device = row["device_id"]
+                    busy_by_device[device] = busy_by_device.get(device, 0.0) + busy
+        idle = {d: 1.0 - busy / timeline for d, busy in busy_by_device.items()} if timeline else {}
         return {
+            "protocol": self.round_protocol.name + ("+early_stop" if self.cfg.early_stop else ""),
             "rounds": len(self.records),
             "tokens": tokens,
             "accept_frac": accepted / max(drafted, 1),
@@ -703,6 +969,14 @@ class EdgeServer:
             "verify_s_mean": float(np.mean([r.verify_s for r in self.records]))
             if self.records
             else 0.0,
+            # timeline accounting of the overlaps: how much of the run the verifier works,
+            # and how much each device neither drafts nor uploads
+            "server_busy_frac": sum(r.verify_s for r in self.records) / timeline
+            if timeline
+            else 0.0,
+            "device_idle_frac_mean": float(np.mean(list(idle.values()))) if idle else 0.0,
+            "device_idle_frac": idle,
+            "cut_drafts": sum(bool(row.get("cut")) for rec in self.records for row in rec.users),
             "dropped_user_rounds": sum(len(r.dropped) for r in self.records),
             "rejected_drafts": sum(len(r.rejected) for r in self.records),
             "protocol_errors": self.protocol_error_count,

@@ -149,44 +149,82 @@ class DrafterSession:
     def _cache_len(self, cache: Cache | None) -> int:
         return 0 if cache is None else cache[0][0].shape[1]
 
-    def propose(self, length: int, uniforms=None) -> Draft:
-        """Draft ``length`` tokens, one drafter forward each; the first forward also feeds
-        the committed tokens the cache does not hold yet. In sampling mode token i is drawn
-        with ``uniforms[i]`` when given (the server's, see :func:`draft_uniforms`), else
-        with this session's own generator."""
+    def propose(self, length: int, uniforms=None, stop_threshold: float = 0.0) -> Draft:
+        """Draft up to ``length`` tokens, one drafter forward each; the first forward also
+        feeds the committed tokens the cache does not hold yet. In sampling mode token i is
+        drawn with ``uniforms[i]`` when given (the server's, see :func:`draft_uniforms`),
+        else with this session's own generator. With ``stop_threshold`` > 0 the draft stops
+        early (AdaEDL's rule, see :meth:`next_token`)."""
+        self.begin(length, uniforms, stop_threshold)
+        while self.next_token() is not None:
+            pass
+        return self.end()
+
+    def begin(self, length: int, uniforms=None, stop_threshold: float = 0.0) -> None:
+        """Start a draft that :meth:`next_token` grows one token at a time (streaming)."""
         if length < 1:
             raise ValueError(f"draft length {length} must be >= 1")
+        if not 0.0 <= stop_threshold < 1.0:
+            raise ValueError(f"stop_threshold={stop_threshold} must be in [0, 1)")
         self._base, self._num_pending, self._length = (
             self._cache_len(self.cache),
             len(self.pending),
             length,
         )
-        feed, cache = self.pending, self.cache
-        tokens, idx_rows, val_rows = [], [], []
-        for i in range(length):
-            logits, caches = self.model.forward_cached([feed], [cache])
-            cache = caches[0]
-            last = logits[0][-1]
-            indices, values = truncated_pmf(last, self.cfg)
-            if self.cfg.greedy:
-                x = int(torch.argmax(last))
-            else:
-                u = self.rng.random() if uniforms is None else float(uniforms[i])
-                x = int(indices[sample_index(values, u)])
-            tokens.append(x)
-            idx_rows.append(indices)
-            val_rows.append(values)
-            feed = [x]
-            if i == length - 1:
-                break
-        # the cache now holds: old cache + pending + x_1 .. x_{L-1}  (x_L was never fed)
-        self._proposal_cache = cache
-        return Draft(tokens, np.stack(idx_rows), np.stack(val_rows))
+        self._uniforms, self._stop_threshold = uniforms, float(stop_threshold)
+        self._feed, self._work_cache = self.pending, self.cache
+        self._tokens, self._idx_rows, self._val_rows = [], [], []
+        self._fed = 0  # drafted tokens already fed to the drafter (held by its cache)
+        self.stopped_early = False
+
+    def next_token(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """Draft the next token: (token, PMF indices, PMF values), or None when the draft is
+        over (the length is reached, or early stop: from the second token on, the draft
+        ends when the drafter's top probability for the next token is below the threshold;
+        the forward that measured it is kept in the cache, so it is not wasted)."""
+        i = len(self._tokens)
+        if i >= self._length:
+            return None
+        logits, caches = self.model.forward_cached([self._feed], [self._work_cache])
+        self._work_cache = caches[0]
+        if i > 0:
+            self._fed = i
+        last = logits[0][-1]
+        if i > 0 and self._stop_threshold > 0.0:
+            top = float(torch.softmax(last.double() / self.cfg.temperature, dim=-1).max())
+            if top < self._stop_threshold:
+                self.stopped_early = True
+                self._length = i
+                return None
+        indices, values = truncated_pmf(last, self.cfg)
+        if self.cfg.greedy:
+            x = int(torch.argmax(last))
+        else:
+            u = self.rng.random() if self._uniforms is None else float(self._uniforms[i])
+            x = int(indices[sample_index(values, u)])
+        self._tokens.append(x)
+        self._idx_rows.append(indices)
+        self._val_rows.append(values)
+        self._feed = [x]
+        return x, indices, values
+
+    def end(self, keep: int | None = None) -> Draft:
+        """The draft so far, or its first ``keep`` tokens (a deadline cut the rest)."""
+        n = len(self._tokens) if keep is None else min(int(keep), len(self._tokens))
+        self._length = n
+        self._fed = min(self._fed, n)
+        # the cache holds: old cache + pending + the first _fed drafted tokens
+        self._proposal_cache = self._work_cache
+        return Draft(
+            self._tokens[:n],
+            np.stack(self._idx_rows[:n]) if n else np.zeros((0, 0), np.int32),
+            np.stack(self._val_rows[:n]) if n else np.zeros((0, 0), np.float16),
+        )
 
     def commit(self, accepted: int, committed: list[int]) -> None:
         """Keep the cached prefix that is now committed (pending + accepted drafts that were
         fed); the remaining committed tokens become pending for the next round."""
-        fed = min(accepted, self._length - 1)
+        fed = min(accepted, self._fed)
         self.cache = cache_crop(self._proposal_cache, self._base + self._num_pending + fed)
         self.pending = list(committed[fed:])
 

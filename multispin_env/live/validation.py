@@ -150,3 +150,51 @@ def parse_draft(msg: dict, requested_length: int, limits: RunLimits, uniforms=No
                     "draft_uniforms(sample_seed)[i]",
                 )
     return Draft(tokens, indices, values)
+
+
+def check_stream_token(msg: dict, expected_index: int, requested_length: int, kept: int) -> None:
+    """One streamed ``token`` message, in order and of the run's PMF size (its values are
+    checked with the whole draft, by :func:`parse_draft`, when the stream ends)."""
+    if msg["index"] != expected_index:
+        raise Rejected(
+            "bad_draft",
+            f"token.index={msg['index']}; the next token of this draft is index {expected_index} "
+            "(tokens are streamed in order, from 0)",
+        )
+    if expected_index >= requested_length:
+        raise Rejected(
+            "bad_draft",
+            f"token.index={expected_index} is beyond this round's draft_length {requested_length}",
+        )
+    for field, itemsize in (("q_indices", 4), ("q_values", 2)):
+        if len(msg[field]) != kept * itemsize:
+            raise Rejected(
+                "bad_draft",
+                f"token.{field} has {len(msg[field])} bytes; kept {kept} x {itemsize} = "
+                f"{kept * itemsize} expected (use the server's --kept-vocab)",
+            )
+
+
+def stream_arrivals_s(compute_s: list[float], upload_per_token_s: float) -> np.ndarray:
+    """Timeline arrival of each streamed token at the server: the uplink is a FIFO that
+    sends token i once it is drafted (at ``compute_s[i]``, cumulative) and the previous one
+    is through, so a_i = max(a_{i-1}, C_i) + u. With a constant drafting time d this is the
+    simulator's d + u + (i - 1) max(d, u)."""
+    times = np.asarray(compute_s, dtype=np.float64)
+    if times.size and (
+        not np.all(np.isfinite(times))
+        or times.min() < 0
+        or times.max() > MAX_REPORTED_TIME_S
+        or np.any(np.diff(times) < 0)
+    ):
+        raise Rejected(
+            "bad_draft",
+            "token.compute_s must be finite, cumulative (non-decreasing) and in "
+            f"[0, {MAX_REPORTED_TIME_S:g}] s",
+        )
+    arrivals = np.empty_like(times)
+    previous = 0.0
+    for i, finished in enumerate(times):
+        previous = max(previous, finished) + upload_per_token_s
+        arrivals[i] = previous
+    return arrivals
