@@ -116,7 +116,16 @@ def _env_id(v):
 def _env_kwargs(v):
     if not isinstance(v, dict) or not all(isinstance(k, str) and k for k in v):
         return "must be an object of option names to values"
-    bad = [k for k, x in v.items() if not (isinstance(x, (str, bool, type(None))) or _is_number(x))]
+
+    def scalar(x) -> bool:
+        return isinstance(x, (str, bool, type(None))) or _is_number(x)
+
+    # a scenario override may be a flat mapping of scalars (e.g. a verification law)
+    bad = [
+        k
+        for k, x in v.items()
+        if not (scalar(x) or (isinstance(x, dict) and all(scalar(y) for y in x.values())))
+    ]
     return f"has non-scalar or non-finite values for {bad}" if bad else None
 
 

@@ -102,6 +102,14 @@ class TunedHeuristic:
             f"{',fast' if self.fast else ''}]"
         )
 
+    def protocol_knobs(self) -> dict:
+        """The protocol knobs (spec key -> value) that differ from their defaults."""
+        return {
+            key: getattr(self, name)
+            for key, name in _PROTOCOL_KEYS.items()
+            if getattr(self, name) != _DEFAULTS[name]
+        }
+
     def _protocol_suffix(self) -> str:
         """Protocol knobs that differ from their defaults (so synchronous names stay short)."""
         out = ""

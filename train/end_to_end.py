@@ -2,17 +2,25 @@
 
     multispin end-to-end                       # ~10 minutes on 2 cores
     multispin end-to-end --timesteps 30000 --rounds 20    # the short version in `multispin demo`
+    multispin end-to-end --protocol pipeline --timing profile:realistic-llama2 --runs 3
 
 1. tunes the heuristic family on ``multispin/DemoPairCPU-v0`` (the scenario ``multispin
-   calibrate`` measured from the built-in live pair) for the run's number of users;
-2. trains PPO (per-user policy, ``residual`` actions over that tuned heuristic);
+   calibrate`` measured from the built-in live pair) for the run's number of users, in the
+   synchronous round and, with ``--protocol``, in that protocol too (its knobs: stop
+   threshold, deadline, cap scale);
+2. trains PPO (per-user policy, ``residual`` actions over the protocol's tuned heuristic);
 3. exports the best model as an ONNX bundle;
 4. runs the live system (edge server + device processes, real models, sampling) with the
-   learned bundle, the tuned heuristic, Hete-Multi-SPIN and Fixed BW&L on the same prompts,
-   devices and seed;
-5. predicts each policy's goodput in the calibrated simulator and reports the gap.
+   learned bundle and the protocol's tuned heuristic under the protocol, and the
+   synchronous tuned heuristic and Hete-Multi-SPIN (and, in the synchronous round, Fixed
+   BW&L) in the paper's round, on the same prompts, devices and seeds, ``--runs`` times each;
+5. predicts each policy's goodput in the simulator and reports the gap.
 
-Writes ``results/end_to_end/{table.md,summary.json}``.
+With ``--timing profile:PRESET`` the live timeline takes drafting, verification and payload
+times from the preset (:mod:`multispin_env.live.timing`), and the simulator uses the same
+profile over the pair's acceptance, so the gap measures the acceptance model alone.
+
+Writes ``results/end_to_end/{table.md,summary.json}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -23,37 +31,72 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 ENV_ID = "multispin/DemoPairCPU-v0"
+PAIR_PRESET = "demo-pair-cpu"
+ROUNDS_PER_EPISODE = 120  # the simulator's episode horizon is set to about this many rounds
 
 
-def live_goodput(scheduler: str, users: int, rounds: int, seed: int, trace: str) -> dict:
+def live_goodput(
+    scheduler: str,
+    users: int,
+    rounds: int,
+    seed: int,
+    trace: str,
+    protocol: str = "sync",
+    timing: str = "measured",
+) -> dict:
     from multispin_env.live.cli import live_args, run_live
 
     args = live_args(
         users=users,
         scheduler=scheduler,
         rounds=rounds,
-        scenario="demo-pair-cpu",
+        scenario=PAIR_PRESET,
         round_timeout_s=30.0,
         seed=seed,
         trace=trace,
+        protocol=protocol,
+        timing=timing,
     )
     return asyncio.run(run_live(args))
 
 
-def simulated_goodput(controller, seeds: list[int], users: int) -> float:
+def simulated_goodput(controller, seeds: list[int], env_kwargs: dict) -> float:
     from multispin_eval.harness import run_episodes
 
-    metrics = run_episodes(
-        controller, ENV_ID, seeds, env_kwargs={"num_users": users, "max_users": 8}
-    )
+    metrics = run_episodes(controller, ENV_ID, seeds, env_kwargs=env_kwargs)
     return float(metrics.goodput.mean())
+
+
+def scenario_kwargs(users: int, protocol: str, timing: str, groups: int = 2) -> dict:
+    """The simulator's counterpart of a live run: the pair's scenario, the protocol's
+    switches (live devices do not draft ahead), and with a timing profile its timing fields
+    and an episode horizon of about ``ROUNDS_PER_EPISODE`` rounds."""
+    from multispin_env.config import load_preset
+    from multispin_env.live.cli import protocol_switches
+    from multispin_env.live.timing import parse_timing, profile_overrides
+
+    kwargs = {"num_users": users, "max_users": 8, **protocol_switches(protocol, groups)}
+    if kwargs["pipeline_groups"] > 1:
+        kwargs["proactive_drafting"] = False
+    profile = parse_timing(timing)
+    if profile is not None:
+        kwargs |= profile_overrides(profile)
+        sync = load_preset(PAIR_PRESET, **profile_overrides(profile))
+        round_s = sync.verification_model.latency_for_batch_s(users, 4) + 4 * (sync.t_draft_mean_s)
+        kwargs["horizon_s"] = float(np.clip(ROUNDS_PER_EPISODE * round_s, 3.0, 60.0))
+    return kwargs
 
 
 def main(argv=None) -> dict:
     from multispin_agents.policies import SolverPolicy
     from multispin_agents.tuned import TunedHeuristic
+    from multispin_env.live.cli import PROTOCOL_CHOICES
+    from multispin_env.live.timing import parse_timing
     from multispin_eval.harness import BundleController, SolverController
+    from multispin_eval.stats import ci95_halfwidth
     from multispin_train.export import export_run
     from multispin_train.train import TrainConfig, train
     from multispin_train.tune import tune
@@ -66,27 +109,56 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--tune-trials", type=int, default=24, help="candidates when tuning the heuristic"
     )
-    p.add_argument("--users", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--users", type=int, default=8, help="devices (users) in every run")
+    p.add_argument("--rounds", type=int, default=60, help="live rounds (cycles) per run")
+    p.add_argument("--runs", type=int, default=1, help="live runs per policy (seeds seed + i)")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOL_CHOICES,
+        default="sync",
+        help="the round protocol the learned policy and its tuned heuristic play",
+    )
+    p.add_argument("--groups", type=int, default=2, help="pipeline groups (--protocol pipeline)")
+    p.add_argument(
+        "--timing",
+        default="measured",
+        help="measured, or profile:PRESET (live and simulator time the round by the preset)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/end_to_end")
     p.add_argument("--out", default="results/end_to_end")
     p.add_argument("--quiet", action="store_true", help="no training progress bar")
     a = p.parse_args(argv)
+    try:
+        parse_timing(a.timing)
+    except ValueError as err:
+        p.error(str(err))
+    for flag in ("users", "rounds", "runs", "timesteps", "tune_trials"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 2 <= a.groups <= 8:
+        p.error("--groups must be in 2..8")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    scenario_kwargs = {"num_users": a.users, "max_users": 8}
-    tuned = TunedHeuristic(**tune(
-        ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=scenario_kwargs,
+    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing)
+    protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups)
+    tuned_sync = TunedHeuristic(**tune(
+        ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=sync_kwargs,
         progress=not a.quiet,
     )["best"])  # fmt: skip
+    tuned = tuned_sync
+    if a.protocol != "sync":  # the protocol's knobs, warm-started from the synchronous best
+        tuned = TunedHeuristic(**tune(
+            ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=protocol_kwargs,
+            progress=not a.quiet, warm_start=[tuned_sync.to_dict()],
+        )["best"])  # fmt: skip
     train(
         TrainConfig(
             env_id=ENV_ID,
             timesteps=a.timesteps,
             seed=a.seed,
-            env_kwargs={"action_mode": "residual", "base_policy": tuned.name},
+            env_kwargs={**protocol_kwargs, "action_mode": "residual", "base_policy": tuned.name},
             run_dir=a.run_dir,
             eval_freq=max(a.timesteps // 5, 2000),
             eval_episodes=8,
@@ -98,52 +170,99 @@ def main(argv=None) -> dict:
     best = Path(a.run_dir) / "best_model.zip"
     model_file = best.name if best.is_file() else "model.zip"
     bundle = export_run(a.run_dir, Path(a.run_dir) / "bundle", model_file)
-    policies = {
-        "learned (PPO, exported)": (f"bundle:{bundle}", BundleController(bundle)),
-        "tuned heuristic": (tuned.name, SolverController(tuned)),
-        "Hete-Multi-SPIN": ("hete", SolverController(SolverPolicy("hete", "history"))),
-        "Fixed BW&L": ("fixed", SolverController(SolverPolicy("fixed"))),
-    }
-    sim_seeds = list(range(3_000_000, 3_000_016))
-    rows = []
-    for label, (scheduler, controller) in policies.items():
-        live = live_goodput(
-            scheduler,
-            a.users,
-            a.rounds,
-            a.seed,
-            str(out / f"trace_{scheduler.split(':')[0].split('[')[0]}.jsonl"),
+    # (label, live scheduler, simulator controller, protocol)
+    policies = [
+        ("learned (PPO, exported)", f"bundle:{bundle}", BundleController(bundle), a.protocol),
+        (f"tuned heuristic ({a.protocol})", tuned.name, SolverController(tuned), a.protocol),
+    ]
+    if a.protocol != "sync":
+        policies.append(
+            ("tuned heuristic (sync)", tuned_sync.name, SolverController(tuned_sync), "sync")
         )
-        predicted = simulated_goodput(controller, sim_seeds, a.users)
-        measured = live["goodput_timeline_tokens_per_s"]
+    hete = SolverController(SolverPolicy("hete", "history"))
+    policies.append(("Hete-Multi-SPIN (sync)", "hete", hete, "sync"))
+    if a.protocol == "sync":
+        policies.append(("Fixed BW&L", "fixed", SolverController(SolverPolicy("fixed")), "sync"))
+    sim_seeds = list(range(3_000_000, 3_000_016))
+    rows, per_run = [], {}
+    for label, scheduler, controller, protocol in policies:
+        runs = []
+        for r in range(a.runs):
+            name = scheduler.split(":")[0].split("[")[0]
+            trace = out / f"trace_{name}_{protocol}_r{r}.jsonl"
+            runs.append(
+                live_goodput(
+                    scheduler, a.users, a.rounds, a.seed + r, str(trace), protocol, a.timing
+                )
+            )
+        env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
+        predicted = simulated_goodput(controller, sim_seeds, env_kwargs)
+        measured = np.array([run["goodput_timeline_tokens_per_s"] for run in runs])
+        per_run[label] = measured
         rows.append(
             {
                 "policy": label,
-                "live_tokens_per_s": measured,
-                "live_wall_tokens_per_s": live["goodput_wall_tokens_per_s"],
+                "protocol": protocol,
+                "live_tokens_per_s": float(measured.mean()),
+                "live_runs_tokens_per_s": measured.tolist(),
+                "live_wall_tokens_per_s": float(
+                    np.mean([run["goodput_wall_tokens_per_s"] for run in runs])
+                ),
                 "sim_tokens_per_s": predicted,
-                "sim_gap": predicted / measured - 1.0,
-                "live_accept_frac": live["accept_frac"],
+                "sim_gap": predicted / float(measured.mean()) - 1.0,
+                "live_accept_frac": float(np.mean([run["accept_frac"] for run in runs])),
+                "server_busy_frac": float(np.mean([run["server_busy_frac"] for run in runs])),
+                "device_idle_frac": float(np.mean([run["device_idle_frac_mean"] for run in runs])),
             }
         )
     table = [
-        "| policy | live tok/s (timeline) | live tok/s (wall) | simulator tok/s | "
-        "sim vs live | live accept |",
-        "|---|---|---|---|---|---|",
+        f"{a.runs} live run(s) of {a.rounds} rounds per policy, {a.users} devices, timing "
+        f"{a.timing}",
+        "",
+        "| policy | protocol | live tok/s (timeline) | live tok/s (wall) | simulator tok/s | "
+        "sim vs live | live accept | verifier busy | device idle |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     table += [
-        f"| {r['policy']} | {r['live_tokens_per_s']:.1f} | "
+        f"| {r['policy']} | {r['protocol']} | {r['live_tokens_per_s']:.1f} | "
         f"{r['live_wall_tokens_per_s']:.1f} | {r['sim_tokens_per_s']:.1f} | "
-        f"{100 * r['sim_gap']:+.1f}% | {r['live_accept_frac']:.3f} |"
+        f"{100 * r['sim_gap']:+.1f}% | {r['live_accept_frac']:.3f} | "
+        f"{r['server_busy_frac']:.0%} | {r['device_idle_frac']:.0%} |"
         for r in rows
     ]
-    learned, tuned_row, hete = rows[0], rows[1], rows[2]
+    by_label = {r["policy"]: r for r in rows}
+    learned = rows[0]
+    tuned_row = rows[1]
+    tuned_sync_row = by_label.get("tuned heuristic (sync)", tuned_row)
+    hete = by_label["Hete-Multi-SPIN (sync)"]
+
+    def ratio(num, den) -> dict:
+        """Live ratio of mean goodputs; with several runs, a paired CI over the runs (the
+        same seed plays the same prompts, devices and channels)."""
+        x, y = per_run[num["policy"]], per_run[den["policy"]]
+        out = {"ratio": float(x.mean() / y.mean())}
+        if len(x) > 1:  # Student's t over the per-run (paired) ratios
+            out["per_run_ratio_ci95_halfwidth"] = ci95_halfwidth(x / y)
+        return out
+
     summary = {
         "command": "multispin end-to-end " + " ".join(argv or []),
+        "protocol": a.protocol,
+        "timing": a.timing,
+        "runs": a.runs,
+        "rounds": a.rounds,
         "tuned_heuristic": tuned.to_dict(),
+        "tuned_sync_heuristic": tuned_sync.to_dict(),
         "rows": rows,
         "learned_vs_hete_live": learned["live_tokens_per_s"] / hete["live_tokens_per_s"],
         "learned_vs_tuned_live": learned["live_tokens_per_s"] / tuned_row["live_tokens_per_s"],
+        "learned_vs_tuned_sync_live": learned["live_tokens_per_s"]
+        / tuned_sync_row["live_tokens_per_s"],
+        "ratios": {
+            "learned_vs_tuned": ratio(learned, tuned_row),
+            "learned_vs_tuned_sync": ratio(learned, tuned_sync_row),
+            "learned_vs_hete": ratio(learned, hete),
+        },
         "max_abs_sim_gap": max(abs(r["sim_gap"]) for r in rows),
         "bundle": str(bundle),
     }
@@ -151,8 +270,9 @@ def main(argv=None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(table))
     print(
-        f"learned / tuned live = {summary['learned_vs_tuned_live']:.3f}, learned / Hete live "
-        f"= {summary['learned_vs_hete_live']:.3f}; "
+        f"learned / tuned ({a.protocol}) live = {summary['learned_vs_tuned_live']:.3f}, "
+        f"learned / tuned sync live = {summary['learned_vs_tuned_sync_live']:.3f}, "
+        f"learned / Hete live = {summary['learned_vs_hete_live']:.3f}; "
         f"largest sim-vs-live gap {100 * summary['max_abs_sim_gap']:.1f}% (target 10%)"
     )
     return summary

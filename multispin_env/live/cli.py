@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from multispin_env.live.timing import parse_timing
+
 
 def default_prompts(pair, count: int, tokens: int = 48) -> list[list[int]]:
     """Openings of held-out stdlib files (every 20th file is the pair's validation split)."""
@@ -205,7 +207,12 @@ async def run_live(args) -> dict:
         scenario=args.scenario,
         round_timeout_s=args.round_timeout_s,
         auth_token=args.auth_token,
+        **resolve_protocol(args, scheduler),
+        timing=args.timing,
     )
+    time_scale = args.time_scale
+    if time_scale is None:
+        time_scale = 1.0 if args.timing == "measured" else 0.0
     server = EdgeServer(cfg, pair.verifier, scheduler, pair.verifier.cfg.vocab_size)
     port = await server.start(host=args.host, port=args.port)
     stop = asyncio.Event()  # Ctrl-C: finish the round, then wrap up
@@ -232,6 +239,7 @@ async def run_live(args) -> dict:
                 temperature=args.temperature,
                 kept_vocab=args.kept_vocab,
                 seed=args.seed + i,
+                time_scale=time_scale,
                 hf_model=args.hf_drafter,
                 device=args.drafter_device,
                 host=connect_host,
@@ -255,6 +263,7 @@ async def run_live(args) -> dict:
                 timeline_ms=f"{1e3 * rec.timeline_s:.0f}",
             )
         bar.close()
+        await server.flush()  # drafts still waiting (the last pipeline group)
     finally:
         await server.stop()
         for p in procs:
@@ -286,6 +295,11 @@ async def run_live(args) -> dict:
         f"({summary['timeline_s']:.2f} s), {summary['goodput_wall_tokens_per_s']:.1f} on the "
         f"wall clock ({summary['wall_s']:.2f} s); acceptance {summary['accept_frac']:.3f}"
     )
+    print(
+        f"protocol {summary['protocol']}: verifier busy {summary['server_busy_frac']:.0%} of "
+        f"the timeline, devices idle {summary['device_idle_frac_mean']:.0%} on average"
+        + (f", {summary['cut_drafts']} drafts cut by the deadline" if summary["cut_drafts"] else "")
+    )
     if server.verifier.outputs:
         sample = next(iter(server.verifier.outputs))
         text = pair.decode(server.verifier.outputs[sample][:40])
@@ -314,6 +328,69 @@ async def run_live(args) -> dict:
     return summary
 
 
+PROTOCOL_CHOICES = (
+    "sync",
+    "early-stop",
+    "deadline",
+    "pipeline",
+    "early-stop+deadline",
+    "early-stop+pipeline",
+)
+
+
+def protocol_switches(protocol: str, groups: int = 2) -> dict:
+    """``--protocol`` as the simulator's switches (early_stop, streaming_deadline,
+    pipeline_groups)."""
+    if protocol not in PROTOCOL_CHOICES:
+        raise ValueError(f"--protocol {protocol!r}; choose one of {PROTOCOL_CHOICES}")
+    parts = protocol.split("+")
+    return {
+        "early_stop": "early-stop" in parts,
+        "streaming_deadline": "deadline" in parts,
+        "pipeline_groups": groups if "pipeline" in parts else 1,
+    }
+
+
+def protocol_name(early_stop: bool, streaming_deadline: bool, pipeline_groups: int) -> str:
+    """The ``--protocol`` value of a set of switches (inverse of :func:`protocol_switches`)."""
+    parts = ["early-stop"] if early_stop else []
+    parts += ["deadline"] if streaming_deadline else []
+    parts += ["pipeline"] if pipeline_groups > 1 else []
+    return "+".join(parts) or "sync"
+
+
+def resolve_protocol(args, scheduler) -> dict:
+    """The switches this run plays: ``--protocol``, or a bundle's own. A bundle or a tuned
+    heuristic whose levers the protocol does not have is refused with the fix."""
+    levers = getattr(scheduler, "levers", None)
+    if args.protocol is None:
+        if levers is not None and levers.any:
+            return {
+                "early_stop": levers.stop,
+                "streaming_deadline": levers.deadline,
+                "pipeline_groups": levers.groups,
+            }
+        return protocol_switches("sync")
+    switches = protocol_switches(args.protocol, args.groups)
+    if levers is not None:
+        scheduler.check_protocol(*switches.values())
+    knobs = getattr(scheduler, "protocol_knobs", lambda: {})()
+    needs = {"stop": "early_stop", "deadline": "streaming_deadline"}
+    for knob in knobs:
+        if knob in needs and not switches[needs[knob]]:
+            raise ValueError(
+                f"--scheduler {args.scheduler}: its knob {knob}= acts only under a protocol "
+                f"with {needs[knob].replace('_', ' ')}; pass that --protocol, or use the "
+                "synchronous tuned heuristic"
+            )
+    if knobs and protocol_name(*switches.values()) == "sync":
+        raise ValueError(
+            f"--scheduler {args.scheduler} was tuned for an extended protocol ({sorted(knobs)}); "
+            "pass its --protocol, or use the synchronous tuned heuristic"
+        )
+    return switches
+
+
 def check_args(args) -> None:
     """Refuse option combinations that cannot work, before anything starts."""
     if bool(args.hf_drafter) != bool(args.hf_verifier):
@@ -330,6 +407,9 @@ def check_args(args) -> None:
         folder = getattr(args, flag)
         if folder and not Path(folder).is_dir():
             raise ValueError(f"--{flag.replace('_', '-')} {folder}: no such folder")
+    parse_timing(args.timing)  # names the fix
+    if args.time_scale is not None and not (np.isfinite(args.time_scale) and args.time_scale >= 0):
+        raise ValueError(f"--time-scale {args.time_scale}: must be a finite number >= 0")
     if args.model and args.hf_verifier:
         raise ValueError("--model and --hf-drafter/--hf-verifier exclude each other")
 
@@ -385,7 +465,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed, uni_bw, homo, hete, a tuned heuristic (tuned[hete,cap=6,...] or "
         "tuned:PATH from multispin tune), or bundle:FOLDER (an exported policy)",
     )
-    p.add_argument("--rounds", type=at_least(1), default=30, help="rounds to play")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOL_CHOICES,
+        default=None,
+        help="round protocol: the paper's synchronous round, early stop (AdaEDL), streamed "
+        "drafts verified at a deadline, pipelined groups (SpecEdge), or early stop with one of "
+        "the other two (default: a bundle's own protocol, else sync)",
+    )
+    p.add_argument(
+        "--groups", type=at_least(2), default=2, help="pipeline groups (with --protocol pipeline)"
+    )
+    p.add_argument(
+        "--timing",
+        default="measured",
+        help="the timeline's clock: measured (this host's drafting and verification times) "
+        "or profile:PRESET (the real models make the tokens; drafting, verification and "
+        "payload times come from the preset, e.g. profile:realistic-llama2)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="multiplies the devices' emulated waits (uplink, slower compute); default 1 "
+        "with measured timing, 0 with a profile (its timeline is computed, not waited)",
+    )
+    p.add_argument("--rounds", type=at_least(1), default=30, help="rounds (cycles) to play")
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
     p.add_argument(
         "--hf-drafter", default=None, help="local Hugging Face drafter folder (with --hf-verifier)"

@@ -161,6 +161,10 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                 compute_s = (time.thread_time() - t0) * cfg.speed_factor
                 upload_s = draft.payload_bits(vocab, cfg.prob_bits) / max(rate_bps, 1e-9)
                 extra = compute_s * (1 - 1 / cfg.speed_factor) if cfg.speed_factor > 1 else 0.0
+                if "token_time_s" in msg:  # profile timing: the profile's clock, not ours
+                    compute_s = len(draft.tokens) * msg["token_time_s"]
+                    upload_s = len(draft.tokens) * msg["upload_bits"] / max(rate_bps, 1e-9)
+                    extra = compute_s
                 await asyncio.sleep((extra + upload_s) * cfg.time_scale)
                 await proto.send_message(
                     writer,
@@ -210,6 +214,7 @@ async def _stream_draft(session, msg, length, uniforms, stop, rate_bps, vocab, w
     while drafting goes on."""
     deadline_s = float(msg["deadline_s"])
     index_bits = int(np.ceil(np.log2(vocab)))
+    profiled = "token_time_s" in msg  # profile timing: the profile's clock, not ours
     loop = asyncio.get_running_loop()
     start = loop.time()
     queue: asyncio.Queue = asyncio.Queue()
@@ -229,11 +234,17 @@ async def _stream_draft(session, msg, length, uniforms, stop, rate_bps, vocab, w
         while True:
             t0 = time.thread_time()
             step = session.next_token()
-            compute_s += (time.thread_time() - t0) * cfg.speed_factor
             if step is None:
+                if not profiled:  # the forward that measured the stop confidence
+                    compute_s += (time.thread_time() - t0) * cfg.speed_factor
                 break
             token, indices, values = step
-            upload_s = indices.shape[0] * (cfg.prob_bits + index_bits) / max(rate_bps, 1e-9)
+            if profiled:
+                compute_s += msg["token_time_s"]
+                upload_s = msg["upload_bits"] / max(rate_bps, 1e-9)
+            else:
+                compute_s += (time.thread_time() - t0) * cfg.speed_factor
+                upload_s = indices.shape[0] * (cfg.prob_bits + index_bits) / max(rate_bps, 1e-9)
             arrival = max(arrival_s, compute_s) + upload_s
             if arrival > deadline_s:
                 cut = 1  # it would come too late: not sent, and drafting stops

@@ -30,7 +30,9 @@ round         srv -> dev round, draft_length, bandwidth_hz, spectral_eff, sample
                          drafter's top probability for the next token is below it),
                          [deadline_s] (stream the draft token by token; tokens that would
                          reach the server after deadline_s on the round's timeline are not
-                         sent)
+                         sent), [token_time_s, upload_bits] (profile timing: drafting
+                         seconds per token and uploaded bits per token to report and
+                         emulate instead of the measured ones; see live.timing)
 draft         dev -> srv round, tokens, q_indices (int32 bytes), q_values (fp16 bytes),
                          kept, compute_s (drafting CPU time x speed factor), upload_s
 token         dev -> srv round, index, token, q_indices, q_values (one PMF row),
@@ -101,7 +103,12 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"session": str, "auth": str},
-    "round": {"stop_threshold": (int, float), "deadline_s": (int, float)},
+    "round": {
+        "stop_threshold": (int, float),
+        "deadline_s": (int, float),
+        "token_time_s": (int, float),
+        "upload_bits": int,
+    },
 }
 
 

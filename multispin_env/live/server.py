@@ -55,6 +55,7 @@ from multispin_env.live import protocol as proto
 from multispin_env.live.rounds import Answer, Assignment, Played, make_round_protocol
 from multispin_env.live.scheduler import BundleScheduler, OnlineVerificationModel
 from multispin_env.live.speculative import DecodingConfig, VerifierServer, draft_uniforms
+from multispin_env.live.timing import load_profile, parse_timing
 from multispin_env.live.validation import (
     MAX_REPORTED_TIME_S,
     Rejected,
@@ -101,6 +102,8 @@ class LiveConfig:
             listening on a non-loopback address).
         early_stop, streaming_deadline, pipeline_groups: the round protocol, as the
             simulator's switches (:mod:`multispin_env.live.rounds`).
+        timing: ``measured`` (this host's times) or ``profile:PRESET`` (drafting,
+            verification and payload from a preset; :mod:`multispin_env.live.timing`).
     """
 
     max_users: int = 8
@@ -128,8 +131,13 @@ class LiveConfig:
     early_stop: bool = False
     streaming_deadline: bool = False
     pipeline_groups: int = 1
+    timing: str = "measured"
 
     def __post_init__(self) -> None:
+        try:
+            parse_timing(self.timing)
+        except ValueError as err:
+            raise ValueError(f"LiveConfig.timing: {err}") from None
         positive = (
             "round_timeout_s",
             "hello_timeout_s",
@@ -206,6 +214,11 @@ class EdgeServer:
         self.payload_bits = min(cfg.kept_vocab, vocab_size) * (
             16 + int(np.ceil(np.log2(vocab_size)))
         )
+        # profile timing (live.timing): drafting, verification and payload from a preset
+        self.profile = None if cfg.timing == "measured" else load_profile(parse_timing(cfg.timing))
+        if self.profile is not None:
+            self.payload_bits = int(self.profile.payload_bits)
+        self.verify_wall_s = 0.0  # measured verification time (the timeline may use a profile)
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.users: dict[str, _User] = {}
         self.history = UserHistory(1, cfg.max_users)
@@ -214,7 +227,11 @@ class EdgeServer:
         else:
             self.alpha_prior = cfg.alpha_prior
         self.history.reset(np.full((1, cfg.max_users), self.alpha_prior))
-        self.verification = OnlineVerificationModel()
+        self.verification = (
+            OnlineVerificationModel()
+            if self.profile is None
+            else self.profile.verification_model  # the profile's law, known exactly
+        )
         self.records: list[RoundRecord] = []
         # the latest errors (bounded: a peer can make the server write one per message)
         self.protocol_errors: collections.deque[str] = collections.deque(maxlen=1000)
@@ -450,6 +467,8 @@ class EdgeServer:
                 session=secrets.token_hex(16),
                 prompt_len=len(hello["prompt"]),
             )
+            if self.profile is not None:
+                user.t_draft_est_s = self.token_time_s(user)
             self.users[device_id] = user
             self.verifier.add_user(device_id, list(hello["prompt"]))
             self.history.reset_users(slot, self.alpha_prior)
@@ -717,9 +736,17 @@ class EdgeServer:
             self._arrived.set()
         return self._round
 
+    def token_time_s(self, user: _User) -> float:
+        """Profile timing: the user's drafting seconds per token (the profile's mean times the
+        device's speed factor, as the simulator's per-user T^S_k)."""
+        return float(self.profile.t_draft_mean_s * user.speed_factor)
+
     async def send_round(self, a: Assignment) -> None:
         """The ``round`` message of one user (not expected any more if it cannot be sent)."""
         fields = {}
+        if self.profile is not None:
+            fields["token_time_s"] = self.token_time_s(a.user)
+            fields["upload_bits"] = int(self.payload_bits)
         if a.stop_threshold > 0:
             fields["stop_threshold"] = float(a.stop_threshold)
         if a.deadline_s is not None:
@@ -783,9 +810,12 @@ class EdgeServer:
         t0 = time.perf_counter()
         results = self.verifier.verify(drafts)
         verify_s = time.perf_counter() - t0
-        self.verification.observe(
-            len(drafts), max(len(d.tokens) for d in drafts.values()), verify_s
-        )
+        self.verify_wall_s += verify_s
+        longest = max(len(d.tokens) for d in drafts.values())
+        if self.profile is None:
+            self.verification.observe(len(drafts), longest, verify_s)
+        else:
+            verify_s = float(self.verification.latency_for_batch_s(len(drafts), longest))
         for device_id, (m, committed) in results.items():
             user = self.users[device_id]
             # if this fails, it is committed on the server; the device gets it on rejoin
@@ -823,7 +853,7 @@ class EdgeServer:
             "finish_s": a.offset_s + answer.finish_s,
             "cut": answer.cut,
         }
-        if drafted:
+        if drafted and self.profile is None:
             per_token_s = answer.compute_s / max(answer.tokens_drafted, 1)
             u.t_draft_est_s = 0.7 * u.t_draft_est_s + 0.3 * per_token_s
         return row
@@ -966,6 +996,8 @@ class EdgeServer:
             "wall_s": wall,
             "goodput_timeline_tokens_per_s": tokens / timeline if timeline else 0.0,
             "goodput_wall_tokens_per_s": tokens / wall if wall else 0.0,
+            "timing": self.cfg.timing,
+            "verify_wall_s": self.verify_wall_s,
             "verify_s_mean": float(np.mean([r.verify_s for r in self.records]))
             if self.records
             else 0.0,
