@@ -54,14 +54,44 @@ def test_end_to_end_smoke(tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["policy"] for r in summary["rows"]] == [
         "learned (PPO, exported)",
-        "tuned heuristic",
-        "Hete-Multi-SPIN",
+        "tuned heuristic (sync)",
+        "Hete-Multi-SPIN (sync)",
         "Fixed BW&L",
     ]
     assert summary["learned_vs_tuned_live"] > 0
     assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
     assert "sim vs live" in capsys.readouterr().out
+
+
+def test_end_to_end_protocol_with_profile_timing_smoke(tmp_path, capsys):
+    """An extended protocol end to end: both tuned heuristics, the learned bundle played live
+    under its protocol, two runs per policy, the profile's timeline in live and simulator."""
+    import json
+
+    cli(
+        ["end-to-end", "--protocol", "deadline", "--timing", "profile:paper-llama2",
+         "--runs", "2", "--timesteps", "256", "--rounds", "3", "--users", "2",
+         "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+         "--tune-trials", "2", "--quiet"]
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rows = {r["policy"]: r for r in summary["rows"]}
+    assert list(rows) == [
+        "learned (PPO, exported)",
+        "tuned heuristic (deadline)",
+        "tuned heuristic (sync)",
+        "Hete-Multi-SPIN (sync)",
+    ]
+    assert rows["learned (PPO, exported)"]["protocol"] == "deadline"
+    assert rows["Hete-Multi-SPIN (sync)"]["protocol"] == "sync"
+    assert all(len(r["live_runs_tokens_per_s"]) == 2 for r in rows.values())
+    assert "per_run_ratio_ci95_halfwidth" in summary["ratios"]["learned_vs_tuned_sync"]
+    meta = json.loads((tmp_path / "run" / "bundle" / "policy.json").read_text())
+    assert meta["protocol_levers"] == {"stop": False, "deadline": True, "groups": 1}
+    # the simulator ran the profile's timing: paper-llama2's drafter, ~27 ms per token
+    assert meta["env_kwargs"]["t_draft_mean_s"] == pytest.approx(0.0268)
+    assert "timing profile:paper-llama2" in capsys.readouterr().out
 
 
 def test_protocols_table_smoke(tmp_path):

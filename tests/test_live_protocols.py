@@ -325,3 +325,127 @@ def test_sampling_first_token_follows_the_verifier_with_early_stop_and_cuts(pair
     empirical, p = _first_token_frequencies(pair, 1500, stop, keep)
     # total variation of 1500 draws from p: ~ sqrt(support / n) / 2; 0.08 is > 3 sigma here
     assert 0.5 * np.abs(empirical - p).sum() < 0.08
+
+
+def test_profile_timing_puts_the_profiles_times_on_the_timeline(pair):
+    """Real tokens, the profile's clock: drafting = tokens x t_draft x speed factor, upload =
+    tokens x the profile's payload / rate, verification = the profile's law."""
+    from multispin_env.config import load_preset
+
+    _, verifier = pair
+    profile = load_preset("realistic-llama2")
+    for protocol in ({}, {"streaming_deadline": True}, {"pipeline_groups": 2}):
+        scheduler = FixedScheduler(
+            3, deadline_s=60.0 if protocol.get("streaming_deadline") else None,
+            groups=protocol.get("pipeline_groups"),
+        )  # fmt: skip
+        server, outputs = _play(
+            pair, scheduler, rounds=3, timing="profile:realistic-llama2", **protocol
+        )
+        _check_greedy(server, verifier, outputs)
+        assert server.payload_bits == profile.payload_bits
+        speed = {d: u.speed_factor for d, u in server.users.items()}
+        for rec in server.records:
+            for row in rec.users:
+                if not row.get("drafted"):
+                    continue
+                n = row["drafted"]
+                assert row["compute_s"] == pytest.approx(
+                    n * profile.t_draft_mean_s * speed[row["device_id"]]
+                )
+                rate = row["bandwidth_hz"] * row["spectral_eff"]
+                assert row["upload_s"] == pytest.approx(n * profile.payload_bits / rate)
+        sync_like = [rec for rec in server.records if not rec.phases]
+        for rec in sync_like:
+            served = [r for r in rec.users if r.get("drafted")]
+            law = profile.verification_model.latency_for_batch_s(
+                len(served), max(r["drafted"] for r in served)
+            )
+            assert rec.verify_s == pytest.approx(law)
+        summary = server.summary()
+        assert summary["timing"] == "profile:realistic-llama2" and summary["verify_wall_s"] > 0
+
+
+def test_live_cli_protocol_and_timing_flags_are_checked():
+    from argparse import Namespace
+
+    from multispin_agents.tuned import TunedHeuristic
+    from multispin_env.live.cli import protocol_name, protocol_switches, resolve_protocol
+    from multispin_env.live.timing import parse_timing
+
+    assert protocol_switches("early-stop+pipeline", 3) == {
+        "early_stop": True,
+        "streaming_deadline": False,
+        "pipeline_groups": 3,
+    }
+    for name in ("sync", "deadline", "early-stop+deadline", "pipeline"):
+        assert protocol_name(*protocol_switches(name).values()) == name
+    assert parse_timing("measured") is None
+    assert parse_timing("profile:paper-llama2") == "paper-llama2"
+    with pytest.raises(ValueError, match="no preset 'a100'"):
+        parse_timing("profile:a100")
+    with pytest.raises(ValueError, match="LiveConfig.timing"):
+        LiveConfig(timing="fast")
+    tuned = TunedHeuristic.parse("tuned[hete,prior,cap=8,margin=1.0,mix=0.0,stop=0.3]")
+    args = Namespace(protocol="deadline", groups=2, scheduler=tuned.name)
+    with pytest.raises(ValueError, match="stop= acts only"):
+        resolve_protocol(args, tuned)
+    args.protocol = "early-stop"
+    assert resolve_protocol(args, tuned)["early_stop"]
+    args.protocol = None  # not a bundle: the synchronous round, which has no stop knob
+    assert resolve_protocol(args, TunedHeuristic.parse("tuned[hete,prior,cap=8]")) == (
+        protocol_switches("sync")
+    )
+
+
+def test_an_extended_protocol_bundle_is_deployed_live_unchanged(pair, tmp_path):
+    """A residual policy trained under pipelined groups, exported, then scheduling the live
+    server under the same protocol: its levers (groups) are decoded live."""
+    from conftest import TINY_TRAIN_ARGS
+
+    from multispin_env.live.scheduler import BundleScheduler
+    from multispin_train.export import export_run
+    from multispin_train.train import main as train_main
+
+    run = tmp_path / "run"
+    train_main(
+        TINY_TRAIN_ARGS
+        + ["--env", "multispin/DemoPairCPU-v0", "--run-dir", str(run), "--eval-episodes", "1"]
+        + ["--no-reference", "--horizon-reward", "--env-kwargs", "action_mode:residual",
+           "num_users:4", "max_users:4", "pipeline_groups:2", "proactive_drafting:false",
+           "base_policy:tuned[hete,history,cap=6,margin=1.0,mix=0.0,fast]"]
+    )  # fmt: skip
+    bundle = export_run(run, tmp_path / "bundle", parity_samples=4)
+    scheduler = BundleScheduler(str(bundle))
+    assert scheduler.levers.groups == 2
+    drafter, verifier = pair
+
+    async def scenario():
+        cfg = LiveConfig(
+            max_users=4, greedy=True, kept_vocab=16, max_draft_length=8, pipeline_groups=2,
+            scenario="demo-pair-cpu",
+        )  # fmt: skip
+        server = EdgeServer(cfg, verifier, scheduler, VOCAB)
+        port = await server.start()
+        tasks = [
+            asyncio.create_task(
+                run_device(
+                    DeviceConfig(d, p, port=port, greedy=True, kept_vocab=16, time_scale=0.0),
+                    drafter=drafter,
+                )
+            )
+            for d, p in PROMPTS.items()
+        ]
+        await server.wait_for_users(4)
+        for _ in range(3):
+            await server.play_round()
+        await server.flush()
+        await server.stop()
+        return server, dict(zip(PROMPTS, await asyncio.gather(*tasks), strict=True))
+
+    server, outputs = asyncio.run(scenario())
+    _check_greedy(server, verifier, outputs)
+    groups = {r["group"] for rec in server.records for r in rec.users}
+    assert groups <= {0, 1} and len(server.records[0].phases) >= 1
+    with pytest.raises(ValueError, match="--protocol"):
+        EdgeServer(LiveConfig(max_users=4, kept_vocab=16), verifier, scheduler, VOCAB)
