@@ -32,7 +32,10 @@ deadline_scale  deadline verification: the deadline is this times the heuristic'
 
 Pipelined groups: users are split into balanced groups (snake order of the predicted
 per-token draft + upload time at an equal share of the band) and each group is solved on
-its own with the whole band.
+its own with the whole band. ``stable`` (spec token; ``stable_groups``) groups users by slot
+instead (k mod G), the same every cycle: the simulator's cycle assumes a user's previous draft
+is verified before its group's next phase, which groups that change every cycle break in the
+live system (a user of the last group that lands in the first one waits for its result).
 
 With ``length_cap = L_max``, ``csi_margin = 1`` and ``equal_mix = 0`` it is the paper's
 scheme exactly in the synchronous round (tested); under an extended protocol the protocol
@@ -72,6 +75,7 @@ class TunedHeuristic:
     stop_threshold: float = 0.5
     cap_scale: float = 1.0
     deadline_scale: float = 1.0
+    stable_groups: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -99,16 +103,17 @@ class TunedHeuristic:
         return (
             f"tuned[{self.scheme},{self.alpha_source},cap={self.length_cap},"
             f"margin={self.csi_margin!r},mix={self.equal_mix!r}{self._protocol_suffix()}"
-            f"{',fast' if self.fast else ''}]"
+            f"{',stable' if self.stable_groups else ''}{',fast' if self.fast else ''}]"
         )
 
     def protocol_knobs(self) -> dict:
         """The protocol knobs (spec key -> value) that differ from their defaults."""
-        return {
+        knobs = {
             key: getattr(self, name)
             for key, name in _PROTOCOL_KEYS.items()
             if getattr(self, name) != _DEFAULTS[name]
         }
+        return knobs | ({"stable": True} if self.stable_groups else {})
 
     def _protocol_suffix(self) -> str:
         """Protocol knobs that differ from their defaults (so synchronous names stay short)."""
@@ -122,7 +127,11 @@ class TunedHeuristic:
     def decide(self, view) -> Decision:
         """The decision under the view's protocol (the synchronous round: :meth:`act`)."""
         groups = getattr(view, "pipeline_groups", 1)
-        group = balanced_groups(view, groups, self.csi_margin) if groups > 1 else None
+        group = None
+        if groups > 1 and self.stable_groups:
+            group = slot_groups(view, groups)
+        elif groups > 1:
+            group = balanced_groups(view, groups, self.csi_margin)
         lengths, bandwidth = self.act(view, group)
         early_stop = getattr(view, "early_stop", False)
         streaming = getattr(view, "streaming_deadline", False)
@@ -218,6 +227,8 @@ class TunedHeuristic:
                 fields["scheme"] = part
             elif part == "fast":
                 fields["fast"] = True
+            elif part == "stable":
+                fields["stable_groups"] = True
             elif part in SOURCES:
                 fields["alpha_source"] = part
             elif "=" in part and part.split("=")[0] in keys:
@@ -233,7 +244,7 @@ class TunedHeuristic:
                 raise ValueError(
                     f"{spec!r}: unknown part {part!r}; parts are a scheme {SCHEMES}, a source "
                     f"{SOURCES}, cap=INT, margin=FLOAT, mix=FLOAT, stop=FLOAT, scale=FLOAT, "
-                    "deadline=FLOAT, fast"
+                    "deadline=FLOAT, stable, fast"
                 )
         if max_draft_length is not None and "length_cap" not in fields:
             fields["length_cap"] = max_draft_length
@@ -252,6 +263,12 @@ def _mix_equal(bandwidth, mix: float, bandwidth_hz: float, group) -> np.ndarray:
     for g in np.unique(group):
         size = np.where(group == g, (group == g).sum(axis=1, keepdims=True), size)
     return (1 - mix) * bandwidth + mix * bandwidth_hz / size
+
+
+def slot_groups(view, groups: int) -> np.ndarray:
+    """``(N, K)`` groups by user slot, k mod G: the same every cycle while users stay."""
+    n, k = view.t_draft_s.shape
+    return np.broadcast_to(np.arange(k) % groups, (n, k)).astype(np.int64)
 
 
 def balanced_groups(view, groups: int, csi_margin: float = 1.0) -> np.ndarray:

@@ -241,3 +241,21 @@ def test_synchronous_id_of_an_extended_id():
     assert synchronous_id("multispin/PaperLlama2EarlyStop-v0") == "multispin/PaperLlama2-v0"
     assert synchronous_id("multispin/PaperLlama2-v0") is None
     assert synchronous_id("multispin/NoSuchPipeline-v0") is None
+
+
+def test_stable_groups_are_the_slots_every_cycle_and_round_trip():
+    from multispin_env.env import build_episodes
+
+    spec = "tuned[hete,history,cap=8,margin=1.0,mix=0.0,stable,fast]"
+    tuned = TunedHeuristic.parse(spec)
+    assert tuned.stable_groups and tuned.name == spec
+    assert tuned.protocol_knobs() == {"stable": True}
+    episodes, _ = build_episodes("paper-llama2", {"pipeline_groups": 3, "num_users": 7}, 2)
+    episodes.reset(np.array([1, 2], dtype=np.uint64), np.arange(2))
+    for _ in range(3):
+        decision = tuned.decide(episodes.server_view())
+        np.testing.assert_array_equal(decision.group, np.tile(np.arange(7) % 3, (2, 1)))
+        for g in range(3):  # each group shares the whole band
+            total = np.where(decision.group == g, decision.bandwidth_hz, 0).sum(axis=1)
+            np.testing.assert_allclose(total, episodes.config.bandwidth_hz)
+        episodes.step_decision(decision)

@@ -375,9 +375,14 @@ def resolve_protocol(args, scheduler) -> dict:
     if levers is not None:
         scheduler.check_protocol(*switches.values())
     knobs = getattr(scheduler, "protocol_knobs", lambda: {})()
-    needs = {"stop": "early_stop", "deadline": "streaming_deadline"}
+    has = {
+        "stop": switches["early_stop"],
+        "deadline": switches["streaming_deadline"],
+        "stable": switches["pipeline_groups"] > 1,
+    }
+    needs = {"stop": "early_stop", "deadline": "streaming_deadline", "stable": "pipeline_groups"}
     for knob in knobs:
-        if knob in needs and not switches[needs[knob]]:
+        if knob in needs and not has[knob]:
             raise ValueError(
                 f"--scheduler {args.scheduler}: its knob {knob}= acts only under a protocol "
                 f"with {needs[knob].replace('_', ' ')}; pass that --protocol, or use the "

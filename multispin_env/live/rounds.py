@@ -156,9 +156,20 @@ class PipelineRound:
         played.verify_s += verify_s
         return verify_s
 
+    def phase_order(self, assignments: list[Assignment]) -> list[int]:
+        """Groups in the order they play this cycle: the group labels are arbitrary (each
+        group has the whole band), so the groups holding users whose previous draft is still
+        being verified go last, where their result is out before their phase."""
+        waiting = set() if self.carry is None else set(self.carry[1])
+        count = [
+            sum(a.device_id in waiting for a in assignments if a.group == g)
+            for g in range(self.groups)
+        ]
+        return sorted(range(self.groups), key=lambda g: count[g])
+
     async def play(self, server, assignments: list[Assignment]) -> Played:
         played = Played()
-        for g in range(self.groups):
+        for g in self.phase_order(assignments):
             members = [a for a in assignments if a.group == g]
             if not members and self.carry is None:
                 continue

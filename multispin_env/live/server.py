@@ -1,14 +1,19 @@
 """The edge server: accepts device connections, schedules, verifies in batches, commits.
 
-One asyncio process. Every round it:
+One asyncio process. Every round (:meth:`EdgeServer.play_round`) it:
 
 1. draws each connected user's channel (Rayleigh block fading around the gain the device
    reported; the channel constants come from a scenario preset) and forms the server's view;
-2. asks the scheduler for (L_k, B_k) and sends each device its ``round`` message;
-3. waits for the drafts until all arrive or ``round_timeout_s`` passes: a device that is
-   late or disconnected is dropped from this round (it may send again next round, or rejoin);
-4. verifies every received draft in ONE batched verifier forward, applies the acceptance
-   rule, sends the results and appends one JSON line to the trace.
+2. asks the scheduler for its decision: (L_k, B_k) and, under an extended protocol, the
+   levers (stop thresholds, a deadline, groups);
+3. hands the round to its protocol piece (:mod:`multispin_env.live.rounds`: synchronous,
+   deadline, pipelined groups), which plays the message flow with the shared parts below:
+   ``open_round`` and ``send_round`` (the ``round`` messages), ``collect`` (drafts or
+   streamed tokens until all are in or ``round_timeout_s`` passes: a device that is late or
+   disconnected is dropped from the round; it may send again next round, or rejoin) and
+   ``verify_and_reply`` (every draft in ONE batched verifier forward, the acceptance rule,
+   the results);
+4. updates the history the schedulers read and appends one JSON line to the trace.
 
 The server is the single source of truth for each user's committed tokens (``outputs``): a
 device that reconnects with the same ``device_id`` *and the session secret from its welcome*
@@ -31,7 +36,11 @@ server listens on a non-loopback address).
 
 Time is reported twice: on a *timeline* built from the devices' measured compute (CPU time
 x speed factor), the emulated uplink delays and the measured verification time, which does
-not depend on how the devices share this host's cores; and as wall-clock.
+not depend on how the devices share this host's cores; and as wall-clock. With
+``timing="profile:PRESET"`` the timeline takes drafting, verification and payload times
+from the preset instead (:mod:`multispin_env.live.timing`). The summary reports how much of
+the timeline the verifier is busy and each device is idle (the overlaps the extended
+protocols buy).
 """
 
 from __future__ import annotations
