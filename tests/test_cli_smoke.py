@@ -59,6 +59,11 @@ def test_end_to_end_smoke(tmp_path, capsys):
         "Fixed BW&L",
     ]
     assert summary["learned_vs_tuned_live"] > 0
+    # measured timing: the pair was timed on this machine and the simulator predicts with it
+    timing = json.loads((tmp_path / "out" / "timing.json").read_text())
+    assert summary["timing_calibrated_here"] == timing["overrides"]
+    assert 0 < timing["overrides"]["t_draft_mean_s"] < 1
+    assert len(timing["verification_rows"]) == 16 and timing["load_processes"] == 0
     assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
     assert "sim vs live" in capsys.readouterr().out

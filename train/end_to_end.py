@@ -70,10 +70,13 @@ def simulated_goodput(controller, seeds: list[int], env_kwargs: dict) -> float:
     return float(metrics.goodput.mean())
 
 
-def scenario_kwargs(users: int, protocol: str, timing: str, groups: int = 2) -> dict:
+def scenario_kwargs(
+    users: int, protocol: str, timing: str, groups: int = 2, measured: dict | None = None
+) -> dict:
     """The simulator's counterpart of a live run: the pair's scenario, the protocol's
-    switches (live devices do not draft ahead), and with a timing profile its timing fields
-    and an episode horizon of about ``ROUNDS_PER_EPISODE`` rounds."""
+    switches (live devices do not draft ahead), and its timing: a profile's timing fields,
+    or ``measured`` (the overrides :func:`~multispin_env.live.timing.calibrate_here` measured
+    on this machine), with an episode horizon of about ``ROUNDS_PER_EPISODE`` rounds."""
     from multispin_env.config import load_preset
     from multispin_env.live.cli import protocol_switches
     from multispin_env.live.timing import parse_timing, profile_overrides
@@ -82,9 +85,10 @@ def scenario_kwargs(users: int, protocol: str, timing: str, groups: int = 2) -> 
     if kwargs["pipeline_groups"] > 1:
         kwargs["proactive_drafting"] = False
     profile = parse_timing(timing)
-    if profile is not None:
-        kwargs |= profile_overrides(profile)
-        sync = load_preset(PAIR_PRESET, **profile_overrides(profile))
+    timing_fields = profile_overrides(profile) if profile is not None else measured
+    if timing_fields:
+        kwargs |= timing_fields
+        sync = load_preset(PAIR_PRESET, **timing_fields)
         round_s = sync.verification_model.latency_for_batch_s(users, 4) + 4 * (sync.t_draft_mean_s)
         kwargs["horizon_s"] = float(np.clip(ROUNDS_PER_EPISODE * round_s, 3.0, 60.0))
     return kwargs
@@ -124,6 +128,12 @@ def main(argv=None) -> dict:
         default="measured",
         help="measured, or profile:PRESET (live and simulator time the round by the preset)",
     )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="with measured timing: predict with the committed demo-pair-cpu profile instead "
+        "of timing the pair on this machine first (~15 s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/end_to_end")
     p.add_argument("--out", default="results/end_to_end")
@@ -141,8 +151,27 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing)
-    protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups)
+    measured = None
+    if a.timing == "measured" and not a.no_calibrate:
+        # calibrate where we predict: a profile measured on another machine is off by up to
+        # 2x here; a pipelined run verifies while the other groups draft, so time it loaded
+        from multispin_env.live.cli import protocol_switches
+        from multispin_env.live.timing import calibrate_here
+
+        groups = protocol_switches(a.protocol, a.groups)["pipeline_groups"]
+        load = a.users * (groups - 1) // groups if groups > 1 else 0
+        calibration = calibrate_here(load_processes=load)
+        measured = calibration["overrides"]
+        (out / "timing.json").write_text(json.dumps(calibration, indent=2))
+        print(
+            f"timing on this machine ({calibration['wall_s']:.0f} s, {load} drafting "
+            f"processes beside the verifier): drafter "
+            f"{1e3 * measured['t_draft_mean_s']:.2f} ms/token, verification "
+            + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in measured["verification"].items()
+                        if k != "kind")
+        )  # fmt: skip
+    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=measured)
+    protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups, measured)
     tuned_sync = TunedHeuristic(**tune(
         ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=sync_kwargs,
         progress=not a.quiet,
@@ -253,6 +282,7 @@ def main(argv=None) -> dict:
         "command": "multispin end-to-end " + " ".join(argv or []),
         "protocol": a.protocol,
         "timing": a.timing,
+        "timing_calibrated_here": measured,
         "runs": a.runs,
         "rounds": a.rounds,
         "tuned_heuristic": tuned.to_dict(),

@@ -58,3 +58,78 @@ def profile_overrides(profile: str) -> dict:
 def load_profile(profile: str):
     """The profile's :class:`~multispin_env.config.ScenarioConfig`."""
     return load_preset(profile)
+
+
+def _busy_drafter(model_dir, stop_after_s: float) -> None:
+    """A load process: drafts in a loop, as a device does, until the time is up."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from multispin_env.live.models import load_pair
+    from multispin_env.live.speculative import DecodingConfig, DrafterSession
+
+    torch.set_num_threads(1)
+    drafter = load_pair(model_dir).drafter
+    rng = np.random.default_rng(0)
+    session = DrafterSession(drafter, DecodingConfig(), rng)
+    session.start(list(rng.integers(1, drafter.cfg.vocab_size, 96)))
+    end = time.perf_counter() + stop_after_s
+    while time.perf_counter() < end:
+        session.propose(4)
+
+
+def calibrate_here(model_dir=None, load_processes: int = 0, reps: int = 7) -> dict:
+    """The pair's timing on this machine, now: the drafter's CPU seconds per token and the
+    batched verification law fitted on a (K, L) grid, timed exactly as device and server
+    time them (``multispin calibrate``'s functions), with ``load_processes`` drafters
+    running beside the verifier (the load a pipelined run puts on the host: one group
+    drafts while another is verified). About 10-20 s. Returns the scenario overrides
+    (``t_draft_mean_s``, ``verification``) and what was measured."""
+    import multiprocessing as mp
+    import platform
+    import time
+
+    import torch
+
+    from multispin_env.live.calibrate import fit_verification, time_drafter, time_verification
+    from multispin_env.live.models import load_pair
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    pair = load_pair(model_dir)
+    drafter = time_drafter(pair.drafter, rounds=30)
+    context = mp.get_context("spawn")
+    procs = [
+        context.Process(target=_busy_drafter, args=(model_dir, 120.0), daemon=True)
+        for _ in range(load_processes)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        if procs:
+            time.sleep(3.0)  # let the load processes load their model and start drafting
+        rows = time_verification(pair.verifier, reps=reps)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join(timeout=5)
+    fit = fit_verification(rows)["token_aware"]
+    return {
+        "overrides": {
+            "t_draft_mean_s": drafter["mean_s"],
+            "verification": {
+                "kind": "token_aware",
+                "t_fix_s": fit["t_fix_s"],
+                "t_user_s": fit["t_user_s"],
+                "t_token_s": fit["t_token_s"],
+            },
+        },
+        "drafter_per_token": drafter,
+        "verification_fit": fit,
+        "verification_rows": rows,
+        "load_processes": load_processes,
+        "host": {"machine": platform.machine(), "processor": platform.processor()},
+        "wall_s": time.perf_counter() - t0,
+    }
