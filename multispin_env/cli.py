@@ -13,6 +13,7 @@ multispin experiment paper|realistic   # one command per headline result
 multispin experiment realistic-pipeline  # ... and per extended protocol (see --help)
 multispin protocols              # synchronous round vs the extended protocols, per scenario
 multispin live --users 8 --scheduler hete --rounds 50   # real models over TCP
+multispin record-traces          # token-level acceptance traces of the live pair
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _SUBCOMMANDS = {
     "end-to-end": ("multispin_train.end_to_end", "calibrated sim -> train -> export -> live"),
     "bench-env": ("multispin_eval.bench_env", "env steps/s, scalar vs batched"),
     "protocols": ("multispin_eval.protocols", "synchronous round vs extended protocols"),
+    "record-traces": ("multispin_eval.record_traces", "token-level traces of a live pair"),
 }
 
 

@@ -1,0 +1,75 @@
+"""`multispin record-traces`: token-level traces of the built-in pair, and what they must mean."""
+
+import json
+
+import numpy as np
+import pytest
+
+from multispin_eval.record_traces import ROUND_COLUMNS, TOKEN_COLUMNS, main, summarise
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    out = tmp_path_factory.mktemp("traces")
+    manifest = main(
+        ["--per-category", "3", "--rounds", "3", "--lengths", "1", "3", "--out", str(out),
+         "--quiet"]
+    )  # fmt: skip
+    tokens = dict(np.load(out / "tokens.npz"))
+    rounds = dict(np.load(out / "rounds.npz"))
+    return out, manifest, tokens, rounds
+
+
+def test_columns_manifest_and_report(traces):
+    out, manifest, tokens, rounds = traces
+    assert set(tokens) == set(TOKEN_COLUMNS) and set(rounds) == set(ROUND_COLUMNS)
+    n = len(tokens["mode"])
+    assert n == manifest["tokens"] > 0 and all(len(v) == n for v in tokens.values())
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["pair"]["manifest_sha256"] and len(saved["pair"]["manifest_sha256"]) == 64
+    assert saved["categories"] and saved["versions"]["torch"]
+    assert "P(i accepted)" in (out / "report.md").read_text()
+    # every round drafted L tokens per request: 2 modes x (1 + 3) tokens x rounds x requests
+    assert n == 2 * (1 + 3) * 3 * saved["requests"]
+    assert np.all(rounds["users"] == saved["requests"]) and np.all(rounds["verify_s"] > 0)
+
+
+def test_every_draft_is_an_accepted_prefix_and_greedy_acceptance_is_the_argmax(traces):
+    _, _, tokens, _ = traces
+    for length in (1, 3):
+        for mode in (0, 1):
+            sel = (tokens["draft_length"] == length) & (tokens["mode"] == mode)
+            accepted = tokens["accepted"][sel].reshape(-1, length)
+            reached = tokens["reached"][sel].reshape(-1, length)
+            position = tokens["position"][sel].reshape(-1, length)
+            assert np.all(position == np.arange(1, length + 1))
+            # accepted positions form a prefix, and the rule looked one past it
+            m = accepted.sum(axis=1)
+            assert np.all(accepted == (np.arange(length) < m[:, None]))
+            assert np.all(reached == (np.arange(length) <= m[:, None]))
+            prob = tokens["accept_prob"][sel].reshape(-1, length)
+            assert np.all((prob >= 0) & (prob <= 1 + 1e-6))
+            if mode == 0:  # greedy: accepted exactly while the draft is the verifier's argmax
+                assert set(np.unique(prob)) <= {0.0, 1.0}
+                first_miss = np.where(prob == 0, np.arange(length), length).min(axis=1)
+                np.testing.assert_array_equal(m, first_miss)
+    assert np.all(tokens["entropy"] >= 0)
+    assert np.all((tokens["top_prob"] > 0) & (tokens["top_prob"] <= 1))
+
+
+def test_summary_tokens_per_round_is_accepted_plus_one(traces):
+    _, _, tokens, _ = traces
+    rows = {(r["mode"], r["L"]): r for r in summarise(tokens)}
+    sel = (tokens["mode"] == 1) & (tokens["draft_length"] == 3)
+    m = tokens["accepted"][sel].reshape(-1, 3).sum(axis=1)
+    assert rows[("sampling", 3)]["tokens_per_round"] == pytest.approx(m.mean() + 1)
+    alpha = rows[("sampling", 3)]["alpha"]
+    assert rows[("sampling", 3)]["iid_per_position"] == pytest.approx([alpha, alpha**2, alpha**3])
+
+
+def test_bad_flags_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--per-category", "2"])
+    assert ">= 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--hf-drafter", "x"])
