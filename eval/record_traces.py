@@ -207,6 +207,35 @@ def summarise(tokens: dict[str, np.ndarray]) -> list[dict]:
     return rows
 
 
+def fit_position_model(tokens: dict[str, np.ndarray], pseudo_counts: float = 20.0) -> dict:
+    """Per decoding mode: the first position's acceptance alpha_1 and the conditional
+    acceptance of every later position given the ones before it, pooled over draft lengths,
+    as factors c_i = P(i | i - 1) / alpha_1 (``ScenarioConfig.acceptance_position_factors``).
+    Each conditional is shrunk towards alpha_1 by ``pseudo_counts`` (few long drafts reach
+    the last positions)."""
+    out = {}
+    for mode in np.unique(tokens["mode"]):
+        sel = tokens["mode"] == mode
+        length = tokens["draft_length"][sel]
+        position = tokens["position"][sel]
+        accepted = tokens["accepted"][sel].astype(bool)
+        first = position == 1
+        alpha_1 = float(accepted[first].mean())
+        factors = [1.0]
+        for i in range(2, int(length.max()) + 1):
+            here = position == i
+            tried = int(np.sum(accepted[np.flatnonzero(here) - 1]))  # the previous one passed
+            passed = int(np.sum(accepted[here]))
+            conditional = (passed + pseudo_counts * alpha_1) / (tried + pseudo_counts)
+            factors.append(conditional / alpha_1)
+        out["greedy" if mode == 0 else "sampling"] = {
+            "alpha_1": alpha_1,
+            "factors": factors,
+            "pseudo_counts": pseudo_counts,
+        }
+    return out
+
+
 def _lag1(tokens, sel) -> float:
     """Correlation of a request's mean acceptance probability between consecutive rounds."""
     key = tokens["request"][sel].astype(np.int64) * 10_000 + tokens["round"][sel]
@@ -260,10 +289,18 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4, 8], help="draft lengths")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--kept-vocab", type=int, default=1024, help="uploaded PMF entries per token")
+    p.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="prompt windows to skip per category (a held-out set: --skip 6)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/traces/builtin_pair", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if a.skip < 0:
+        p.error("--skip must be >= 0")
     if a.per_category < 3:
         p.error("--per-category must be >= 3 (a category with fewer prompts is left out)")
     for flag in ("prompt_tokens", "rounds", "kept_vocab"):
@@ -301,7 +338,10 @@ def main(argv=None) -> dict:
             if manifest.is_file()
             else None,
         }
-    prompts = category_prompts(pair, a.per_category, a.prompt_tokens)
+    prompts = category_prompts(pair, a.per_category + a.skip, a.prompt_tokens)
+    prompts = {c: plist[a.skip :] for c, plist in prompts.items() if len(plist) >= a.skip + 3}
+    if not prompts:
+        p.error(f"--skip {a.skip} leaves no category with 3 prompts; skip fewer")
     requests = sum(len(v) for v in prompts.values())
     bar = tqdm(total=2 * len(a.lengths) * a.rounds, desc="rounds", disable=a.quiet)
     parts_tok, parts_rnd = [], []
@@ -340,6 +380,7 @@ def main(argv=None) -> dict:
         + shlex.join(argv if argv is not None else sys.argv[1:]),
         "wall_s": time.perf_counter() - t0,
         "summary": rows,
+        "position_model": fit_position_model(tokens),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     table = report_markdown(rows)

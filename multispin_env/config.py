@@ -183,6 +183,13 @@ class ScenarioConfig:
     verified; SpecEdge). 1 = the synchronous round."""
     proactive_drafting: bool = True
     """With pipeline_groups >= 2: devices keep drafting while their draft is verified."""
+    acceptance_position_factors: tuple[float, ...] = ()
+    """Acceptance model of the synchronous round. Empty: i.i.d. (the paper's law, P(first j
+    accepted) = alpha^j). Otherwise position-dependent: token i is accepted, given the ones
+    before it were, with probability min(alpha c_i, 0.999), c_i the i-th factor (the last one
+    repeats; c_1 = 1), so P(first j accepted) = prod_{i <= j} alpha c_i. Fitted from token
+    traces of a live pair (``multispin record-traces``): greedy drafts agree in runs, so
+    their conditional acceptance rises along the draft."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field_name: str, rule: str) -> None:
@@ -276,6 +283,24 @@ class ScenarioConfig:
             "streaming_deadline",
             "deadline verification and pipelined groups do not combine; switch one off "
             "(pipeline_groups=1 or streaming_deadline=false)",
+        )
+        factors = self.acceptance_position_factors
+        need(
+            all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+                for c in factors
+            )
+            and all(0 < c <= 100 for c in factors)
+            and (not factors or factors[0] == 1.0)
+            and len(factors) <= 256,
+            "acceptance_position_factors",
+            "must be at most 256 finite numbers in (0, 100], the first one 1.0 (empty: i.i.d.)",
+        )
+        need(
+            not (factors and self.extended_protocol),
+            "acceptance_position_factors",
+            "the position-dependent acceptance model is the synchronous round's; the extended "
+            "protocols use i.i.d. or token-level acceptance (leave it empty there)",
         )
         need(len(self.tasks) >= 1, "tasks", "needs at least one task")
         need(

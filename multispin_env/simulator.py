@@ -84,6 +84,10 @@ class MultiSpinSimulator:
         self.task = np.zeros(shape, dtype=np.int64)
         self.alpha = np.zeros(shape)
         self._log_alpha = np.zeros(shape)
+        # the position-dependent acceptance model (empty: i.i.d., the kernel's closed form)
+        self._log_position_factors = np.log(
+            np.asarray(config.acceptance_position_factors, dtype=np.float64)
+        )
         self._finite_requests = config.request_length_tokens > 0
         self.task_alpha_mean = np.zeros(shape)
         self.gain = np.zeros(shape)
@@ -303,6 +307,7 @@ class MultiSpinSimulator:
             self._accept_slot,
             self._log_alpha,
             self.alpha,
+            self._log_position_factors,
             self.remaining_tokens,
             self._finite_requests,
             float(cfg.draft_energy_j_per_token),
@@ -563,6 +568,9 @@ def _draw_channels_kernel(
             spectral_eff_estimate[n, k] = r
 
 
+_LOG_MAX_ACCEPT = float(np.log(0.999))  # a conditional acceptance probability stays below 1
+
+
 @kernel
 def _play_round_kernel(
     lengths,
@@ -578,6 +586,7 @@ def _play_round_kernel(
     slot_accept,
     log_alpha,
     alpha,
+    log_factors,
     remaining_tokens,
     finite_requests,
     draft_energy_j_per_token,
@@ -609,9 +618,21 @@ def _play_round_kernel(
             finish = t_d + t_u
             if active and (who < 0 or finish > slowest):
                 slowest, who = finish, k
-            # P(accepted >= j) = alpha^j: a truncated geometric via inverse CDF
-            acc = np.floor(np.log(values[n, o, slot_accept, k]) / log_alpha[n, k])
-            acc_tokens = np.int64(min(acc, lf))
+            if log_factors.shape[0] == 0:
+                # P(accepted >= j) = alpha^j: a truncated geometric via inverse CDF
+                acc = np.floor(np.log(values[n, o, slot_accept, k]) / log_alpha[n, k])
+                acc_tokens = np.int64(min(acc, lf))
+            else:
+                # P(accepted >= j) = prod_{i <= j} a_i, a_i = min(alpha c_i, 0.999): the same
+                # uniform by inverse CDF (count the j whose survival is above it)
+                log_u = np.log(values[n, o, slot_accept, k])
+                survival, acc_tokens, expected = 0.0, np.int64(0), 1.0
+                for j in range(lengths[n, k]):
+                    c = log_factors[min(j, log_factors.shape[0] - 1)]
+                    survival += min(log_alpha[n, k] + c, _LOG_MAX_ACCEPT)
+                    expected += np.exp(survival)
+                    if log_u < survival:
+                        acc_tokens += 1
             kept = acc_tokens + (1 if active else 0)
             if finite_requests:
                 kept = np.int64(min(np.float64(kept), remaining_tokens[n, k]))
@@ -621,9 +642,12 @@ def _play_round_kernel(
             # Eq. (12) with 1 - alpha^(L+1) = -expm1((L+1) ln alpha): ln alpha is cached, and
             # expm1 keeps precision for alpha near 1 (alpha < 1 always: task means are
             # validated, Beta draws clipped)
-            expected_tokens[n, k] = (
-                -np.expm1((lf + 1.0) * log_alpha[n, k]) / (1.0 - alpha[n, k]) if active else 0.0
-            )
+            if log_factors.shape[0] == 0:
+                expected_tokens[n, k] = (
+                    -np.expm1((lf + 1.0) * log_alpha[n, k]) / (1.0 - alpha[n, k]) if active else 0.0
+                )
+            else:
+                expected_tokens[n, k] = expected if active else 0.0
             accepted[n, k] = acc_tokens
             committed[n, k] = kept
             t_draft_s[n, k] = t_d

@@ -73,3 +73,37 @@ def test_bad_flags_are_refused(capsys):
     assert ">= 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--hf-drafter", "x"])
+
+
+def test_position_model_fit_and_the_simulator_reproduce_the_traces(traces, monkeypatch):
+    """The factors fitted on a trace set, played by the simulator, give back the set's own
+    per-position acceptance (in sample; the README's check is on a held-out set)."""
+    import multispin_eval.acceptance_fidelity as fidelity
+    from multispin_eval.record_traces import fit_position_model
+
+    _, manifest, tokens, _ = traces
+    fit = fit_position_model(tokens, pseudo_counts=0.0)
+    assert fit == fit_position_model(tokens, pseudo_counts=0.0)  # deterministic
+    for model in fit.values():
+        assert model["factors"][0] == 1.0 and len(model["factors"]) == 3
+    monkeypatch.setattr(fidelity, "ROUNDS", 4000)
+    rows = fidelity.compare(fit, tokens)
+    assert {(r["mode"], r["L"]) for r in rows} == {(m, n) for m in ("greedy", "sampling")
+                                                 for n in (1, 3)}  # fmt: skip
+    for r in rows:
+        model = fit[r["mode"]]
+        factors = model["factors"] + [model["factors"][-1]] * r["L"]
+        survival = np.cumprod([min(model["alpha_1"] * c, 0.999) for c in factors[: r["L"]]])
+        # the simulator plays the fitted law (4,000 rounds: +-0.03) ...
+        assert r["position_per_position"] == pytest.approx(survival, abs=0.03)
+        assert r["iid_per_position"] == pytest.approx(
+            model["alpha_1"] ** np.arange(1, r["L"] + 1), abs=0.03
+        )
+        # ... against the traces' own survival
+        mode = 0 if r["mode"] == "greedy" else 1
+        sel = (tokens["mode"] == mode) & (tokens["draft_length"] == r["L"])
+        m = tokens["accepted"][sel].reshape(-1, r["L"]).sum(axis=1)
+        assert r["live_per_position"] == pytest.approx(
+            [np.mean(m >= i) for i in range(1, r["L"] + 1)]
+        )
+    assert manifest["position_model"].keys() == fit.keys()
