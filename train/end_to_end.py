@@ -319,6 +319,14 @@ def main(argv=None) -> dict:
         f"learned / Hete live = {summary['learned_vs_hete_live']:.3f}; "
         f"largest sim-vs-live gap {100 * summary['max_abs_sim_gap']:.1f}% (target 10%)"
     )
+    if a.runs < 3 or a.rounds < 60:
+        # the fidelity target is judged on the mean of 3 runs of >= 60 rounds with 8 devices:
+        # a short run's goodput moves with its few prompts' acceptance
+        print(
+            f"this run ({a.runs} run(s) of {a.rounds} rounds, {a.users} devices) is too short "
+            "to judge the simulator's gap; `multispin end-to-end --runs 3 --rounds 60` "
+            "judges it (~12 minutes)"
+        )
     return summary
 
 
