@@ -119,6 +119,8 @@ def _check_field(kind: str, name: str, value, expected) -> None:
         raise ProtocolError(f"{kind}.{name} must be finite")
     if isinstance(value, str) and len(value) > 4096:
         raise ProtocolError(f"{kind}.{name} is {len(value)} characters; at most 4096")
+    if name == "token" and value < 0:
+        raise ProtocolError(f"{kind}.token must be a non-negative token id, got {value}")
     if name in ("prompt", "tokens", "committed"):
         if len(value) > MAX_TOKENS_PER_LIST:
             raise ProtocolError(

@@ -126,6 +126,13 @@ class SynchronousRound:
     async def flush(self, server) -> Played | None:
         return None
 
+    def pending_tokens(self, device_id: str | None) -> int:
+        """Tokens a draft still waiting for verification may commit (None: any user)."""
+        return 0
+
+    def discard(self, device_id: str) -> None:
+        """Drop a user's draft still waiting for verification (it rejoined)."""
+
 
 class DeadlineRound(SynchronousRound):
     """Streamed drafts, verified at the deadline with the prefixes received."""
@@ -161,6 +168,29 @@ class PipelineRound:
         played.rows += [server.row(a, answers.get(a.device_id), results, []) for a in assignments]
         played.verify_s += verify_s
         return verify_s
+
+    def pending_tokens(self, device_id: str | None) -> int:
+        """Tokens a draft still waiting for verification may commit: all of it plus the
+        bonus token (None: the total over every waiting draft)."""
+        if self.carry is None:
+            return 0
+        answers = self.carry[1]
+        ids = list(answers) if device_id is None else [device_id]
+        return sum(
+            len(answers[d].draft.tokens) + 1
+            for d in ids
+            if d in answers and answers[d].draft is not None
+        )
+
+    def discard(self, device_id: str) -> None:
+        """Drop a user's draft still waiting for verification (it rejoined: its welcome
+        carries only the committed tokens, and it drafts again from there)."""
+        if self.carry is None:
+            return
+        assignments, answers = self.carry
+        answers.pop(device_id, None)
+        assignments = [a for a in assignments if a.device_id != device_id]
+        self.carry = (assignments, answers) if answers else None
 
     def phase_order(self, assignments: list[Assignment]) -> list[int]:
         """Groups in the order they play this cycle: the group labels are arbitrary (each

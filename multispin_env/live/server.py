@@ -502,6 +502,9 @@ class EdgeServer:
                 self.history.reset_users(slot, self.alpha_prior)
             if user.writer is not None:  # the same session on a new connection wins
                 user.writer.close()
+            # a draft of the old connection still waiting for verification is dropped: the
+            # welcome carries only what is committed, and the device drafts again from there
+            self.round_protocol.discard(device_id)
             user.ended, user.end_reason = False, None
         user.writer, user.disconnected_at, user.missed_rounds = writer, None, 0
         return user
@@ -603,6 +606,12 @@ class EdgeServer:
                 )
             if msg["cut"] not in (0, 1):
                 raise Rejected("bad_draft", f"draft_end.cut={msg['cut']} must be 0 or 1")
+            if not stream and not msg["cut"]:
+                raise Rejected(
+                    "bad_draft",
+                    "draft_end.count=0 with cut=0: stream at least one token, or say cut=1 "
+                    "when the deadline left no time for one",
+                )
             compute_s = float(msg["compute_s"])
             times = [float(t["compute_s"]) for t in stream]
             if not (np.isfinite(compute_s) and 0 <= compute_s <= MAX_REPORTED_TIME_S) or (
@@ -720,8 +729,11 @@ class EdgeServer:
         )
 
     def context_room(self, user: _User) -> int:
-        """Draft tokens that still fit in the verifier's context for this user."""
+        """Draft tokens that still fit in the verifier's context for this user, counting a
+        draft still waiting for verification (pipelining) as if all of it and its bonus
+        token were committed."""
         used = user.prompt_len + len(self.verifier.outputs[user.device_id])
+        used += self.round_protocol.pending_tokens(user.device_id)
         return self.limits.context_tokens - used
 
     async def _end_request(self, user: _User, reason: str) -> None:
@@ -872,10 +884,13 @@ class EdgeServer:
         """One round (one cycle of every group under pipelining): channel, decision, the
         protocol piece's message flow and verification, history and record."""
         for user in self.connected:  # requests that no longer fit end here, cleanly
-            if self.context_room(user) < 1:
+            if self.context_room(user) < 1 and not self.round_protocol.pending_tokens(
+                user.device_id
+            ):
                 await self._end_request(user, "context_full")
-        users = [u for u in self.connected if not u.ended]
-        if not users:
+        # a user whose waiting draft leaves no room sits this round out until it is verified
+        users = [u for u in self.connected if not u.ended and self.context_room(u) >= 1]
+        if not users and not self.round_protocol.pending_tokens(None):
             return None
         wall0 = time.perf_counter()
         r_true, r_est = self._draw_channel(users)
@@ -924,9 +939,29 @@ class EdgeServer:
             decision = Decision(*self.scheduler.act(view))
         return decision
 
+    def _check_decision(self, decision: Decision, k: int) -> None:
+        """The scheduler's levers, checked as the simulator checks them (a bad one is the
+        scheduler's bug: say which and stop, rather than starve a user or go back in time)."""
+        where = f"scheduler {getattr(self.scheduler, 'name', type(self.scheduler).__name__)}"
+        groups = self.cfg.pipeline_groups
+        if decision.group is not None and groups > 1:
+            group = np.asarray(decision.group[0])
+            if group.shape != (k,) or np.any((group < 0) | (group >= groups)):
+                raise ValueError(f"{where}: group={group.tolist()} must give each of the {k} "
+                                 f"users a group in 0..{groups - 1}")  # fmt: skip
+        if decision.deadline_s is not None and self.cfg.streaming_deadline:
+            deadline = float(np.asarray(decision.deadline_s).ravel()[0])
+            if not (np.isfinite(deadline) and deadline > 0):
+                raise ValueError(f"{where}: deadline_s={deadline!r} must be finite and > 0")
+        if decision.stop_threshold is not None and self.cfg.early_stop:
+            stop = np.asarray(decision.stop_threshold[0], dtype=float)
+            if np.any(~np.isfinite(stop) | (stop < 0) | (stop >= 1)):
+                raise ValueError(f"{where}: stop_threshold={stop.tolist()} must be in [0, 1)")
+
     def _assign(self, users: list[_User], r_true: np.ndarray, r_est: np.ndarray) -> list:
         decision = self._decide(users, r_est)
         k = len(users)
+        self._check_decision(decision, k)
         # near the context limit a draft is shortened to what still fits
         lengths = [
             max(1, min(int(length), self.context_room(u)))

@@ -96,7 +96,8 @@ def draft_uniforms(sample_seed: int, length: int) -> np.ndarray:
     uploaded distribution would not have given (with a tiny q(x) the acceptance test
     min(1, p/q) would otherwise pass almost surely, and a device could write any text).
     Given honest draws from q, the output is distributed exactly as the verifier's p for
-    *any* q, so this check is what makes sampling exact against a misbehaving device."""
+    *any* q. The check stops a device from naming arbitrary tokens, but not one that shapes
+    q around the uniforms it already knows (see :mod:`multispin_env.live.validation`)."""
     return np.random.default_rng(int(sample_seed)).random(length)
 
 

@@ -16,8 +16,16 @@ The checks that keep speculative decoding exact against a misbehaving device:
 - the PMF rows must be finite, non-negative, with distinct indices below the vocabulary, so
   that server and device renormalise the same distribution;
 - in sampling mode each token must be the one its own uploaded PMF gives for the uniforms of
-  the round's ``sample_seed`` (:func:`~multispin_env.live.speculative.draft_uniforms`): a
-  tiny q(x) > 0 would otherwise still let a device commit text of its choosing.
+  the round's ``sample_seed`` (:func:`~multispin_env.live.speculative.draft_uniforms`), so a
+  device cannot simply name a token with a tiny q(x) > 0.
+
+What this does not stop (a known limitation, tested as such): in sampling mode a device
+learns the uniforms with the round message, *before* it uploads its PMF, so a hostile device
+can shape q around them, with its target token exactly where u lands and q(target) tiny;
+then min(1, p/q) = 1 and it steers its *own* user's text (never another user's). Speculative
+sampling is exact only if the drafts are honest draws from the uploaded q, and a server cannot
+check that without drawing the tokens itself (one round trip per token). Greedy mode is
+exact against any device: a token is accepted only if it is the verifier's own argmax.
 """
 
 from __future__ import annotations
