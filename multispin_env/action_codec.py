@@ -96,6 +96,24 @@ class DecisionContext:
     base_deadline_s: np.ndarray | None = None
     base_group: np.ndarray | None = None
 
+    @classmethod
+    def of(cls, view, base=None, heuristic=None) -> DecisionContext:
+        """The context of a server view (``episodes.ServerView``), with the base
+        heuristic's decision ``base`` and its bandwidth rule where a residual policy
+        corrects it (simulator and live server build it the same way)."""
+        head = (view.spectral_eff_est, view.t_draft_s, view.payload_bits, view.bandwidth_hz)
+        if base is None:
+            return cls(*head)
+        return cls(
+            *head,
+            base.draft_lengths,
+            base.bandwidth_hz,
+            lambda lengths, group=None: heuristic.bandwidth_for(view, lengths, group),
+            base.stop_threshold,
+            base.deadline_s,
+            base.group,
+        )
+
 
 @kernel
 def _box_length(a, l_max):

@@ -259,20 +259,7 @@ class BatchedEpisodes:
                 float(self.config.payload_bits),
                 self.config.bandwidth_hz,
             )
-        view = self.server_view()
-        base = self.base_decision()
-        return DecisionContext(
-            view.spectral_eff_est,
-            view.t_draft_s,
-            view.payload_bits,
-            view.bandwidth_hz,
-            base.draft_lengths,
-            base.bandwidth_hz,
-            lambda lengths, group=None: self.base.bandwidth_for(view, lengths, group),
-            base.stop_threshold,
-            base.deadline_s,
-            base.group,
-        )
+        return DecisionContext.of(self.server_view(), self.base_decision(), self.base)
 
     def observe(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Observations of all envs, or of ``rows`` only (e.g. envs just reset)."""

@@ -113,23 +113,7 @@ class BundleScheduler:
         action = self.bundle.act(obs)
         if self.base is not None and base is None:
             base = self.base_decision(view)
-        base_fields = ()
-        if base is not None:
-            base_fields = (
-                base.draft_lengths,
-                base.bandwidth_hz,
-                lambda lengths, group=None: self.base.bandwidth_for(view, lengths, group),
-                base.stop_threshold,
-                base.deadline_s,
-                base.group,
-            )
-        ctx = DecisionContext(
-            view.spectral_eff_est,
-            view.t_draft_s,
-            view.payload_bits,
-            view.bandwidth_hz,
-            *base_fields,
-        )
+        ctx = DecisionContext.of(view, base, self.base)
         return self.codec.decode_decision(self.codec.check(action), ctx)
 
     def act(self, view, obs: np.ndarray, feature_names=None, base=None):
