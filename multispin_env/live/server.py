@@ -997,8 +997,9 @@ class EdgeServer:
         share = np.zeros((1, self.cfg.max_users))
         for row in played.rows:
             share[0, row["slot"]] = row["bandwidth_hz"] / self.bandwidth_hz
-            if "accepted" in row:
-                drafted[0, row["slot"]], accepted[0, row["slot"]] = row["drafted"], row["accepted"]
+            if "accepted" in row:  # (a pipelined user may be verified twice in a cycle)
+                drafted[0, row["slot"]] += row["drafted"]
+                accepted[0, row["slot"]] += row["accepted"]
         self.history.update(drafted, accepted, share, np.array([played.timeline_s]))
         record = RoundRecord(
             self._round,
