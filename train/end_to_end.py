@@ -37,6 +37,8 @@ import numpy as np
 ENV_ID = "multispin/DemoPairCPU-v0"
 PAIR_PRESET = "demo-pair-cpu"
 ROUNDS_PER_EPISODE = 120  # the simulator's episode horizon is set to about this many rounds
+PROMPT_TOKENS = 48  # multispin live's default prompts
+TOKENS_PER_ROUND = 3.5  # committed per user per round, about, with the built-in pair
 
 
 def _plain(value):
@@ -170,12 +172,15 @@ def main(argv=None) -> dict:
         # timed idle: a run drafts while it verifies only for the few ms a group drafts, and
         # timing the verifier beside drafters that never pause made it 2.5x slower than live
         load = 0
-        calibration = calibrate_here(load_processes=load)
+        # at the run's mean context: the prompt, plus half of what a user writes in the run
+        # (about 3.5 tokens per round with the built-in pair)
+        context = PROMPT_TOKENS + int(TOKENS_PER_ROUND / 2 * a.rounds)
+        calibration = calibrate_here(load_processes=load, context_tokens=context)
         measured = calibration["overrides"]
         (out / "timing.json").write_text(json.dumps(calibration, indent=2))
         print(
-            f"timing on this machine ({calibration['wall_s']:.0f} s, {load} drafting "
-            f"processes beside the verifier): drafter "
+            f"timing on this machine ({calibration['wall_s']:.0f} s, {context}-token "
+            f"contexts, {load} drafting processes beside the verifier): drafter "
             f"{1e3 * measured['t_draft_mean_s']:.2f} ms/token, verification "
             + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in measured["verification"].items()
                         if k != "kind")

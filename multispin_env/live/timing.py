@@ -80,12 +80,17 @@ def _busy_drafter(model_dir, stop_after_s: float) -> None:
         session.propose(4)
 
 
-def calibrate_here(model_dir=None, load_processes: int = 0, reps: int = 7) -> dict:
+def calibrate_here(
+    model_dir=None, load_processes: int = 0, reps: int = 7, context_tokens: int = 96
+) -> dict:
     """The pair's timing on this machine, now: the drafter's CPU seconds per token and the
     batched verification law fitted on a (K, L) grid, timed exactly as device and server
     time them (``multispin calibrate``'s functions), with ``load_processes`` drafters
     running beside the verifier (the load a pipelined run puts on the host: one group
-    drafts while another is verified). About 10-20 s. Returns the scenario overrides
+    drafts while another is verified). ``context_tokens``: the users' context (prompt plus
+    text so far) during the timing; attention makes it matter (the built-in verifier takes
+    15.4, 19.7 and 23.4 ms for 8 users x 2 tokens at 96, 160 and 240 tokens), so time at the
+    mean context of the run to predict. A few seconds. Returns the scenario overrides
     (``t_draft_mean_s``, ``verification``) and what was measured."""
     import multiprocessing as mp
     import platform
@@ -99,7 +104,7 @@ def calibrate_here(model_dir=None, load_processes: int = 0, reps: int = 7) -> di
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     pair = load_pair(model_dir)
-    drafter = time_drafter(pair.drafter, rounds=30)
+    drafter = time_drafter(pair.drafter, context=context_tokens, rounds=30)
     context = mp.get_context("spawn")
     procs = [
         context.Process(target=_busy_drafter, args=(model_dir, 120.0), daemon=True)
@@ -110,7 +115,7 @@ def calibrate_here(model_dir=None, load_processes: int = 0, reps: int = 7) -> di
     try:
         if procs:
             time.sleep(3.0)  # let the load processes load their model and start drafting
-        rows = time_verification(pair.verifier, reps=reps)
+        rows = time_verification(pair.verifier, context=context_tokens, reps=reps)
     finally:
         for p in procs:
             p.terminate()
@@ -130,6 +135,7 @@ def calibrate_here(model_dir=None, load_processes: int = 0, reps: int = 7) -> di
         "verification_fit": fit,
         "verification_rows": rows,
         "load_processes": load_processes,
+        "context_tokens": context_tokens,
         "host": {"machine": platform.machine(), "processor": platform.processor()},
         "wall_s": time.perf_counter() - t0,
     }
