@@ -106,6 +106,72 @@ def scenario_kwargs(
     return kwargs
 
 
+WARMUP_ROUNDS = 20
+
+
+def timing_here(users: int, rounds: int, seed: int, out: Path) -> dict:
+    """Calibrate where we predict (a profile measured on another machine is off by up to 2x
+    here), in two steps, written to ``timing.json``:
+
+    1. the shape: the drafter per token and the verification law on a (K, L) grid, timed
+       idle at the run's mean context (the prompt plus half of what a user writes in the
+       run; attention makes context matter) and at the warm-up's;
+    2. the load: a short live run (Hete, ``WARMUP_ROUNDS`` rounds, another seed) measures
+       what the same work costs with the devices and the server sharing the host (idle, the
+       drafter was 2x faster per token than in a live run, the verifier ~15% faster). Its
+       medians over the idle law at its own context give one factor for drafting and one for
+       verification, applied to the law at the run's context."""
+    from multispin_env.live.timing import calibrate_here
+
+    def context_after(n_rounds: int) -> int:
+        return PROMPT_TOKENS + int(TOKENS_PER_ROUND / 2 * n_rounds)
+
+    run = calibrate_here(context_tokens=context_after(rounds))
+    warm = calibrate_here(context_tokens=context_after(WARMUP_ROUNDS))
+    trace = out / "trace_warmup.jsonl"
+    live_goodput("hete", users, WARMUP_ROUNDS, seed + 10_000, str(trace))
+    law = warm["overrides"]["verification"]
+    compute, verify, predicted = [], [], []
+    for line in trace.read_text().splitlines():
+        rec = json.loads(line)
+        served = [u for u in rec["users"] if u.get("drafted")]
+        if not served:
+            continue
+        compute += [u["compute_s"] / u["drafted"] for u in served]
+        k, longest = len(served), max(u["drafted"] for u in served)
+        verify.append(rec["verify_s"])
+        predicted.append(
+            law["t_fix_s"] + k * law["t_user_s"] + law["t_token_s"] * k * (longest + 1)
+        )
+    draft_factor = float(np.median(compute) / warm["overrides"]["t_draft_mean_s"])
+    verify_factor = float(np.median(np.array(verify) / np.array(predicted)))
+    overrides = {
+        "t_draft_mean_s": run["overrides"]["t_draft_mean_s"] * draft_factor,
+        "verification": {
+            key: value * verify_factor if key != "kind" else value
+            for key, value in run["overrides"]["verification"].items()
+        },
+    }
+    record = {
+        "overrides": overrides,
+        "idle_at_run_context": run,
+        "idle_at_warmup_context": warm,
+        "load_factors": {"drafting": draft_factor, "verification": verify_factor},
+        "warmup": {"scheduler": "hete", "rounds": WARMUP_ROUNDS, "seed": seed + 10_000},
+    }
+    (out / "timing.json").write_text(json.dumps(record, indent=2, default=_plain))
+    print(
+        f"timing on this machine: drafter {1e3 * overrides['t_draft_mean_s']:.2f} ms/token, "
+        "verification "
+        + ", ".join(
+            f"{k} {1e3 * v:.3f} ms" for k, v in overrides["verification"].items() if k != "kind"
+        )
+        + f" (idle x load factors {draft_factor:.2f} drafting, {verify_factor:.2f} verification,"
+        f" from a {WARMUP_ROUNDS}-round live warm-up)"
+    )
+    return overrides
+
+
 def main(argv=None) -> dict:
     from multispin_agents.policies import SolverPolicy
     from multispin_agents.tuned import TunedHeuristic
@@ -144,7 +210,8 @@ def main(argv=None) -> dict:
         "--no-calibrate",
         action="store_true",
         help="with measured timing: predict with the committed demo-pair-cpu profile instead "
-        "of timing the pair on this machine first (~15 s)",
+        "of timing the pair on this machine first (~30 s: an idle profile and a 20-round "
+        "live warm-up for the load)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/end_to_end")
@@ -165,26 +232,7 @@ def main(argv=None) -> dict:
 
     measured = None
     if a.timing == "measured" and not a.no_calibrate:
-        # calibrate where we predict: a profile measured on another machine is off by up to
-        # 2x here
-        from multispin_env.live.timing import calibrate_here
-
-        # timed idle: a run drafts while it verifies only for the few ms a group drafts, and
-        # timing the verifier beside drafters that never pause made it 2.5x slower than live
-        load = 0
-        # at the run's mean context: the prompt, plus half of what a user writes in the run
-        # (about 3.5 tokens per round with the built-in pair)
-        context = PROMPT_TOKENS + int(TOKENS_PER_ROUND / 2 * a.rounds)
-        calibration = calibrate_here(load_processes=load, context_tokens=context)
-        measured = calibration["overrides"]
-        (out / "timing.json").write_text(json.dumps(calibration, indent=2))
-        print(
-            f"timing on this machine ({calibration['wall_s']:.0f} s, {context}-token "
-            f"contexts, {load} drafting processes beside the verifier): drafter "
-            f"{1e3 * measured['t_draft_mean_s']:.2f} ms/token, verification "
-            + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in measured["verification"].items()
-                        if k != "kind")
-        )  # fmt: skip
+        measured = timing_here(a.users, a.rounds, a.seed, out)
     sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=measured)
     protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups, measured)
     tuned_sync = TunedHeuristic(**tune(
