@@ -217,11 +217,11 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    measured = None
+    timing_fields = None
     if a.timing == "measured" and not a.no_calibrate:
-        measured = timing_here(a.users, a.rounds, a.seed, out)
-    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=measured)
-    protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups, measured)
+        timing_fields = timing_here(a.users, a.rounds, a.seed, out)
+    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields)
+    protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups, timing_fields)
     tuned_sync = TunedHeuristic(**tune(
         ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=sync_kwargs,
         progress=not a.quiet,
@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
         "command": "multispin end-to-end " + " ".join(argv or []),
         "protocol": a.protocol,
         "timing": a.timing,
-        "timing_calibrated_here": measured,
+        "timing_calibrated_here": timing_fields,
         "runs": a.runs,
         "rounds": a.rounds,
         "tuned_heuristic": tuned.to_dict(),
