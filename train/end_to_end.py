@@ -58,6 +58,7 @@ def live_goodput(
     trace: str,
     protocol: str = "sync",
     timing: str = "measured",
+    csi_error_std: float = 0.0,
 ) -> dict:
     from multispin_env.live.cli import live_args, run_live
 
@@ -71,6 +72,7 @@ def live_goodput(
         trace=trace,
         protocol=protocol,
         timing=timing,
+        csi_error_std=csi_error_std,
     )
     return asyncio.run(run_live(args))
 
@@ -200,6 +202,12 @@ def main(argv=None) -> dict:
         "of timing the pair on this machine first (a live warm-up run with Hete, plus a few "
         "seconds of idle timing for the verification law's shape)",
     )
+    p.add_argument(
+        "--csi-error-std",
+        type=float,
+        default=0.0,
+        help="channel estimation error, live and in the simulator (stragglers for a deadline)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/end_to_end")
     p.add_argument("--out", default="results/end_to_end")
@@ -214,6 +222,8 @@ def main(argv=None) -> dict:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 2 <= a.groups <= 8:
         p.error("--groups must be in 2..8")
+    if not (np.isfinite(a.csi_error_std) and 0 <= a.csi_error_std <= 10):
+        p.error("--csi-error-std must be a number in [0, 10]")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -222,6 +232,8 @@ def main(argv=None) -> dict:
         timing_fields = timing_here(a.users, a.rounds, a.seed, out)
     sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields)
     protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups, timing_fields)
+    if a.csi_error_std > 0:
+        sync_kwargs["csi_error_std"] = protocol_kwargs["csi_error_std"] = a.csi_error_std
     tuned_sync = TunedHeuristic(**tune(
         ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=sync_kwargs,
         progress=not a.quiet,
@@ -275,7 +287,14 @@ def main(argv=None) -> dict:
             trace = out / f"trace_{name}_{protocol}_r{r}.jsonl"
             runs.append(
                 live_goodput(
-                    scheduler, a.users, a.rounds, a.seed + r, str(trace), protocol, a.timing
+                    scheduler,
+                    a.users,
+                    a.rounds,
+                    a.seed + r,
+                    str(trace),
+                    protocol,
+                    a.timing,
+                    a.csi_error_std,
                 )
             )
         env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
@@ -300,7 +319,7 @@ def main(argv=None) -> dict:
         )
     table = [
         f"{a.runs} live run(s) of {a.rounds} rounds per policy, {a.users} devices, timing "
-        f"{a.timing}",
+        f"{a.timing}" + (f", CSI error {a.csi_error_std:g}" if a.csi_error_std else ""),
         "",
         "| policy | protocol | live tok/s (timeline) | live tok/s (wall) | simulator tok/s | "
         "sim vs live | live accept | verifier busy | device idle |",
@@ -332,6 +351,7 @@ def main(argv=None) -> dict:
         "command": "multispin end-to-end " + " ".join(argv or []),
         "protocol": a.protocol,
         "timing": a.timing,
+        "csi_error_std": a.csi_error_std,
         "timing_calibrated_here": timing_fields,
         "runs": a.runs,
         "rounds": a.rounds,

@@ -209,6 +209,7 @@ async def run_live(args) -> dict:
         auth_token=args.auth_token,
         **resolve_protocol(args, scheduler),
         timing=args.timing,
+        csi_error_std=args.csi_error_std,
     )
     time_scale = args.time_scale
     if time_scale is None:
@@ -413,6 +414,8 @@ def check_args(args) -> None:
         if folder and not Path(folder).is_dir():
             raise ValueError(f"--{flag.replace('_', '-')} {folder}: no such folder")
     parse_timing(args.timing)  # names the fix
+    if not (np.isfinite(args.csi_error_std) and 0 <= args.csi_error_std <= 10):
+        raise ValueError(f"--csi-error-std {args.csi_error_std}: must be a number in [0, 10]")
     if args.time_scale is not None and not (np.isfinite(args.time_scale) and args.time_scale >= 0):
         raise ValueError(f"--time-scale {args.time_scale}: must be a finite number >= 0")
     if args.model and args.hf_verifier:
@@ -494,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="multiplies the devices' emulated waits (uplink, slower compute); default 1 "
         "with measured timing, 0 with a profile (its timeline is computed, not waited)",
+    )
+    p.add_argument(
+        "--csi-error-std",
+        type=float,
+        default=0.0,
+        help="channel estimation error the scheduler sees, as the simulator's csi_error_std "
+        "(the server sees |h + e|^2, e ~ CN(0, std^2 H_bar)); 0: exact channel knowledge",
     )
     p.add_argument("--rounds", type=at_least(1), default=30, help="rounds (cycles) to play")
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
