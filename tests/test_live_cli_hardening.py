@@ -27,6 +27,12 @@ from multispin_env.live.cli import _wait_for_devices, build_parser, main, spawn_
         (["--hf-drafter", "/tmp"], "--hf-drafter needs --hf-verifier too"),
         (["--hf-verifier", "/tmp"], "--hf-verifier needs --hf-drafter too"),
         (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
+        (["--timing", "profile:a100"], "no preset 'a100'"),
+        (["--timing", "fast"], "choose measured or profile:PRESET"),
+        (["--time-scale", "-1"], "--time-scale -1.0: must be a finite number >= 0"),
+        (["--csi-error-std", "nan"], "--csi-error-std nan: must be a number in [0, 10]"),
+        (["--protocol", "warp"], "invalid choice"),
+        (["--groups", "1"], "--groups: must be >= 2"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(argv, words, capsys):
