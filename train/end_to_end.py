@@ -121,9 +121,11 @@ def timing_here(users: int, rounds: int, seed: int, out: Path) -> dict:
       idle (K, L) grid at the run's mean context, scaled so that it gives the warm-up's
       median verification time."""
     from multispin_env.live.timing import calibrate_here
+    from multispin_env.verification import build_verification
 
     shape = calibrate_here(context_tokens=PROMPT_TOKENS + int(TOKENS_PER_ROUND / 2 * rounds))
     law = shape["overrides"]["verification"]
+    idle_law = build_verification(law)
     trace = out / "trace_warmup.jsonl"
     live_goodput("hete", users, rounds, seed + 10_000, str(trace))
     compute, ratio = [], []
@@ -133,9 +135,8 @@ def timing_here(users: int, rounds: int, seed: int, out: Path) -> dict:
         if not served:
             continue
         compute += [u["compute_s"] / u["drafted"] for u in served]
-        k, longest = len(served), max(u["drafted"] for u in served)
-        idle = law["t_fix_s"] + k * law["t_user_s"] + law["t_token_s"] * k * (longest + 1)
-        ratio.append(rec["verify_s"] / idle)
+        longest = max(u["drafted"] for u in served)
+        ratio.append(rec["verify_s"] / idle_law.latency_for_batch_s(len(served), longest))
     verify_factor = float(np.median(ratio))
     overrides = {
         "t_draft_mean_s": float(np.median(compute)),

@@ -97,11 +97,6 @@ class BundleScheduler:
         """The base heuristic's decision on the server's view (None without a base)."""
         return None if self.base is None else self.base.decide(view)
 
-    def base_allocation(self, view):
-        """The base heuristic's (lengths, bandwidth) on the server's view (None without)."""
-        base = self.base_decision(view)
-        return None if base is None else (base.draft_lengths, base.bandwidth_hz)
-
     def decide(self, view, obs: np.ndarray, feature_names=None, base=None):
         """The decision (a :class:`~multispin_env.types.Decision`) for the observation."""
         from multispin_env.action_codec import DecisionContext
@@ -115,13 +110,6 @@ class BundleScheduler:
             base = self.base_decision(view)
         ctx = DecisionContext.of(view, base, self.base)
         return self.codec.decode_decision(self.codec.check(action), ctx)
-
-    def act(self, view, obs: np.ndarray, feature_names=None, base=None):
-        """(lengths, bandwidth) of the synchronous round."""
-        if base is not None and not hasattr(base, "draft_lengths"):
-            base = None  # an old-style (lengths, bandwidth) pair: recompute the decision
-        decision = self.decide(view, obs, feature_names, base)
-        return decision.draft_lengths, decision.bandwidth_hz
 
 
 def make_scheduler(name: str):

@@ -356,8 +356,7 @@ class EdgeServer:
             user.writer = None  # dropped from rounds, record kept
             user.disconnected_at = time.monotonic()
             self._expected.discard(user.device_id)
-            if self._expected <= set(self._inbox) | self._rejected:
-                self._arrived.set()
+            self._check_arrived()
 
     async def _handle(self, reader, writer) -> None:
         user = None
@@ -692,16 +691,14 @@ class EdgeServer:
             payload_bits=float(self.payload_bits),
             bandwidth_hz=self.bandwidth_hz,
             observe_base=getattr(self.scheduler, "base", None) is not None,
-            levers=ProtocolLevers(
-                self.cfg.early_stop, self.cfg.streaming_deadline, self.cfg.pipeline_groups
-            ),
+            levers=ProtocolLevers.of(self.cfg),  # LiveConfig names the switches as the scenario
         )
 
     def observation(self, users: list[_User], r_est: np.ndarray, base=None) -> np.ndarray:
         """The env's observation vector ``(1, size)`` for the connected users, built by the
         same builder and history as in simulation (users fill slots 0..K-1 in slot order).
-        ``base``: the base heuristic's :class:`~multispin_env.types.Decision` (or its
-        (lengths, bandwidth)). No device drafts ahead in live mode, so ``predrafted`` is 0."""
+        ``base``: the base heuristic's :class:`~multispin_env.types.Decision`. No device
+        drafts ahead in live mode, so ``predrafted`` is 0."""
         spec = self._observation_spec()
         protocol = None
         if spec.levers.any:
@@ -712,8 +709,6 @@ class EdgeServer:
                     "base_group": base.group,
                     "base_deadline": base.deadline_s,
                 }
-        if base is not None and hasattr(base, "draft_lengths"):
-            base = (base.draft_lengths, base.bandwidth_hz)
         elapsed = sum(r.timeline_s for r in self.records)
         horizon_frac = (elapsed % self.cfg.horizon_s) / self.cfg.horizon_s
         return build_observation(
@@ -723,8 +718,8 @@ class EdgeServer:
             np.array([[u.t_draft_est_s for u in users]]),
             np.full((1, len(users)), self.alpha_prior),
             np.array([horizon_frac]),
-            base_lengths=None if base is None else base[0],
-            base_bandwidth_hz=None if base is None else base[1],
+            base_lengths=None if base is None else base.draft_lengths,
+            base_bandwidth_hz=None if base is None else base.bandwidth_hz,
             protocol=protocol,
         )
 
@@ -753,8 +748,7 @@ class EdgeServer:
         self._requested = {a.device_id: a.draft_length for a in assignments}
         seeds = self.sample_rng.integers(0, 2**62, size=len(assignments))
         self._sample_seeds = {a.device_id: int(x) for a, x in zip(assignments, seeds, strict=True)}
-        if not self._expected:
-            self._arrived.set()
+        self._check_arrived()  # a round nobody is in is over at once
         return self._round
 
     def token_time_s(self, user: _User) -> float:
@@ -770,8 +764,8 @@ class EdgeServer:
             fields["upload_bits"] = int(self.payload_bits)
         if a.stop_threshold > 0:
             fields["stop_threshold"] = float(a.stop_threshold)
-        if a.deadline_s is not None:
-            fields["deadline_s"] = float(min(a.deadline_s, MAX_REPORTED_TIME_S))
+        if a.deadline_s is not None:  # (clamped to a reportable time in _assign)
+            fields["deadline_s"] = float(a.deadline_s)
         sent = await self._send(
             a.user.writer,
             proto.message(
@@ -786,8 +780,7 @@ class EdgeServer:
         )
         if not sent:
             self._expected.discard(a.device_id)
-        if self._expected <= set(self._inbox) | self._rejected:
-            self._arrived.set()
+        self._check_arrived()
 
     async def collect(self) -> tuple[dict, list, list]:
         """Wait for the open round's answers (all in, or ``round_timeout_s``); close it.
@@ -923,8 +916,8 @@ class EdgeServer:
         return r_true, spectral_efficiency(sc.tx_power_w, estimate, sc.noise_power_w)
 
     def _decide(self, users: list[_User], r_est: np.ndarray) -> Decision:
-        """The scheduler's decision on the server's view, with the protocol's defaults for
-        levers it leaves out (never stop early, no deadline, user k in group k mod G)."""
+        """The scheduler's decision on the server's view (levers it leaves out get the
+        protocol's defaults in :meth:`_assign`)."""
         view = self._view(users, r_est)
         if isinstance(self.scheduler, BundleScheduler):
             base = self.scheduler.base_decision(view)
@@ -959,6 +952,9 @@ class EdgeServer:
                 raise ValueError(f"{where}: stop_threshold={stop.tolist()} must be in [0, 1)")
 
     def _assign(self, users: list[_User], r_true: np.ndarray, r_est: np.ndarray) -> list:
+        """Each user's part of the round: the decision, drafts capped to the context, and the
+        defaults for levers the scheduler left out (never stop early, no deadline, user k in
+        group k mod G)."""
         decision = self._decide(users, r_est)
         k = len(users)
         self._check_decision(decision, k)
