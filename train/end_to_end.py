@@ -34,11 +34,25 @@ from pathlib import Path
 
 import numpy as np
 
-ENV_ID = "multispin/DemoPairCPU-v0"
-PAIR_PRESET = "demo-pair-cpu"
 ROUNDS_PER_EPISODE = 120  # the simulator's episode horizon is set to about this many rounds
-PROMPT_TOKENS = 48  # multispin live's default prompts
-TOKENS_PER_ROUND = 3.5  # committed per user per round, about, with the built-in pair
+# per live pair: its scenario (what `multispin calibrate` measured), the mean prompt length of
+# its live prompts and the tokens committed per user per round, about (for the timing context)
+PAIRS = {
+    "builtin": {
+        "env_id": "multispin/DemoPairCPU-v0",
+        "preset": "demo-pair-cpu",
+        "prompt_tokens": 48,
+        "tokens_per_round": 3.5,
+    },
+    "smollm2": {
+        "env_id": "multispin/SmolLM2CPU-v0",
+        "preset": "smollm2-cpu",
+        "prompt_tokens": 75,
+        "tokens_per_round": 2.5,
+    },
+}
+ENV_ID = PAIRS["builtin"]["env_id"]
+PAIR_PRESET = PAIRS["builtin"]["preset"]
 
 
 def _plain(value):
@@ -59,14 +73,16 @@ def live_goodput(
     protocol: str = "sync",
     timing: str = "measured",
     csi_error_std: float = 0.0,
+    pair: str = "builtin",
 ) -> dict:
     from multispin_env.live.cli import live_args, run_live
 
     args = live_args(
+        pair=pair,
         users=users,
         scheduler=scheduler,
         rounds=rounds,
-        scenario=PAIR_PRESET,
+        scenario=PAIRS[pair]["preset"],
         round_timeout_s=30.0,
         seed=seed,
         trace=trace,
@@ -77,15 +93,22 @@ def live_goodput(
     return asyncio.run(run_live(args))
 
 
-def simulated_goodput(controller, seeds: list[int], env_kwargs: dict) -> float:
+def simulated_goodput(
+    controller, seeds: list[int], env_kwargs: dict, pair: str = "builtin"
+) -> float:
     from multispin_eval.harness import run_episodes
 
-    metrics = run_episodes(controller, ENV_ID, seeds, env_kwargs=env_kwargs)
+    metrics = run_episodes(controller, PAIRS[pair]["env_id"], seeds, env_kwargs=env_kwargs)
     return float(metrics.goodput.mean())
 
 
 def scenario_kwargs(
-    users: int, protocol: str, timing: str, groups: int = 2, measured: dict | None = None
+    users: int,
+    protocol: str,
+    timing: str,
+    groups: int = 2,
+    measured: dict | None = None,
+    pair: str = "builtin",
 ) -> dict:
     """The simulator's counterpart of a live run: the pair's scenario, the protocol's
     switches (live devices do not draft ahead), and its timing: a profile's timing fields,
@@ -102,13 +125,13 @@ def scenario_kwargs(
     timing_fields = profile_overrides(profile) if profile is not None else measured
     if timing_fields:
         kwargs |= copy.deepcopy(timing_fields)  # the callers' dicts stay theirs
-        sync = load_preset(PAIR_PRESET, **timing_fields)
+        sync = load_preset(PAIRS[pair]["preset"], **timing_fields)
         round_s = sync.verification_model.latency_for_batch_s(users, 4) + 4 * (sync.t_draft_mean_s)
         kwargs["horizon_s"] = float(np.clip(ROUNDS_PER_EPISODE * round_s, 3.0, 60.0))
     return kwargs
 
 
-def timing_here(users: int, rounds: int, seed: int, out: Path) -> dict:
+def timing_here(users: int, rounds: int, seed: int, out: Path, pair: str = "builtin") -> dict:
     """Calibrate where we predict (a profile measured on another machine is off by up to 2x
     here), under the load the live runs put on the host, written to ``timing.json``:
 
@@ -123,11 +146,12 @@ def timing_here(users: int, rounds: int, seed: int, out: Path) -> dict:
     from multispin_env.live.timing import calibrate_here
     from multispin_env.verification import build_verification
 
-    shape = calibrate_here(context_tokens=PROMPT_TOKENS + int(TOKENS_PER_ROUND / 2 * rounds))
+    context = PAIRS[pair]["prompt_tokens"] + int(PAIRS[pair]["tokens_per_round"] / 2 * rounds)
+    shape = calibrate_here(context_tokens=context, pair=pair)
     law = shape["overrides"]["verification"]
     idle_law = build_verification(law)
     trace = out / "trace_warmup.jsonl"
-    live_goodput("hete", users, rounds, seed + 10_000, str(trace))
+    live_goodput("hete", users, rounds, seed + 10_000, str(trace), pair=pair)
     compute, ratio = [], []
     for line in trace.read_text().splitlines():
         rec = json.loads(line)
@@ -209,6 +233,13 @@ def main(argv=None) -> dict:
         default=0.0,
         help="channel estimation error, live and in the simulator (stragglers for a deadline)",
     )
+    p.add_argument(
+        "--pair",
+        choices=sorted(PAIRS),
+        default="builtin",
+        help="live models: the built-in code pair, or SmolLM2-135M-Instruct with its distilled "
+        "drafter (extra [smollm2]; scenario smollm2-cpu)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/end_to_end")
     p.add_argument("--out", default="results/end_to_end")
@@ -228,21 +259,24 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    env_id = PAIRS[a.pair]["env_id"]
     timing_fields = None
     if a.timing == "measured" and not a.no_calibrate:
-        timing_fields = timing_here(a.users, a.rounds, a.seed, out)
-    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields)
-    protocol_kwargs = scenario_kwargs(a.users, a.protocol, a.timing, a.groups, timing_fields)
+        timing_fields = timing_here(a.users, a.rounds, a.seed, out, a.pair)
+    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields, pair=a.pair)
+    protocol_kwargs = scenario_kwargs(
+        a.users, a.protocol, a.timing, a.groups, timing_fields, a.pair
+    )
     if a.csi_error_std > 0:
         sync_kwargs["csi_error_std"] = protocol_kwargs["csi_error_std"] = a.csi_error_std
     tuned_sync = TunedHeuristic(**tune(
-        ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=sync_kwargs,
+        env_id, trials=a.tune_trials, num_seeds=4, env_kwargs=sync_kwargs,
         progress=not a.quiet,
     )["best"])  # fmt: skip
     tuned = tuned_sync
     if a.protocol != "sync":  # the protocol's knobs, warm-started from the synchronous best
         best = tune(
-            ENV_ID, trials=a.tune_trials, num_seeds=4, env_kwargs=protocol_kwargs,
+            env_id, trials=a.tune_trials, num_seeds=4, env_kwargs=protocol_kwargs,
             progress=not a.quiet, warm_start=[tuned_sync.to_dict()],
         )["best"]  # fmt: skip
         # live, groups must stay the same from cycle to cycle (the simulator's cycle assumes
@@ -251,7 +285,7 @@ def main(argv=None) -> dict:
         tuned = TunedHeuristic(**{**best, "stable_groups": protocol_kwargs["pipeline_groups"] > 1})
     train(
         TrainConfig(
-            env_id=ENV_ID,
+            env_id=env_id,
             timesteps=a.timesteps,
             seed=a.seed,
             env_kwargs={**protocol_kwargs, "action_mode": "residual", "base_policy": tuned.name},
@@ -296,10 +330,11 @@ def main(argv=None) -> dict:
                     protocol,
                     a.timing,
                     a.csi_error_std,
+                    a.pair,
                 )
             )
         env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
-        predicted = simulated_goodput(controller, sim_seeds, env_kwargs)
+        predicted = simulated_goodput(controller, sim_seeds, env_kwargs, a.pair)
         measured = np.array([run["goodput_timeline_tokens_per_s"] for run in runs])
         per_run[label] = measured
         rows.append(
@@ -350,6 +385,7 @@ def main(argv=None) -> dict:
 
     summary = {
         "command": "multispin end-to-end " + " ".join(argv or []),
+        "pair": a.pair,
         "protocol": a.protocol,
         "timing": a.timing,
         "csi_error_std": a.csi_error_std,

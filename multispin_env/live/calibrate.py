@@ -185,28 +185,72 @@ def prompt_acceptance(
     cont = verifier_continuation(
         pair.verifier, prompt, positions, greedy, np.random.default_rng(seed)
     )
-    seq = torch.tensor([prompt + cont])
-    p = torch.softmax(pair.verifier(seq)[0, len(prompt) - 1 : -1].double(), -1)
-    q_logits = pair.drafter(seq)[0, len(prompt) - 1 : -1].double()
+    seq = prompt + cont
+    # forward_cached from an empty cache: every pair's models have it (GPT, HF, reduced vocab)
+    p_logits = pair.verifier.forward_cached([seq], [None])[0][0][len(prompt) - 1 : -1]
+    p = torch.softmax(p_logits.double(), -1)
+    q_logits = pair.drafter.forward_cached([seq], [None])[0][0][len(prompt) - 1 : -1].double()
     if greedy:
         return float((q_logits.argmax(-1) == p.argmax(-1)).double().mean())
     q = torch.softmax(q_logits, -1)
     return float(torch.minimum(p, q).sum(-1).mean())
 
 
-def calibrate(model_dir=None, per_category: int = 12, prompt_tokens: int = 64) -> dict:
+def forward_ratio(pair, context: int = 96, reps: int = 15) -> dict:
+    """Seconds of one cached one-token forward, drafter against verifier, timed side by side
+    (interleaved, medians), and the ratio: what "the drafter costs 1/N of the verifier"
+    means on the machine at hand."""
+    rng = np.random.default_rng(2)
+    prompt = [int(t) for t in rng.integers(1, pair.verifier.cfg.vocab_size, context)]
+    caches = {}
+    for name in ("drafter", "verifier"):
+        _, c = getattr(pair, name).forward_cached([prompt], [None])
+        caches[name] = c[0]
+    times = {"drafter": [], "verifier": []}
+    for i in range(reps + 2):
+        for name in ("drafter", "verifier"):
+            t0 = time.perf_counter()
+            getattr(pair, name).forward_cached([[int(prompt[i % context])]], [caches[name]])
+            if i >= 2:  # warm-up
+                times[name].append(time.perf_counter() - t0)
+    d, v = (float(np.median(times[n])) for n in ("drafter", "verifier"))
+    return {"drafter_s": d, "verifier_s": v, "ratio": d / v}
+
+
+def load_named_pair(name: str = "builtin", model_dir=None):
+    if name == "smollm2":
+        from multispin_env.live.smollm2 import SmolPair
+
+        return SmolPair()
+    return load_pair(model_dir)
+
+
+def calibrate(
+    model_dir=None,
+    per_category: int = 12,
+    prompt_tokens: int = 64,
+    pair_name: str = "builtin",
+    positions: int = 24,
+) -> dict:
     torch.set_num_threads(1)
-    pair = load_pair(model_dir)
+    pair = load_named_pair(pair_name, model_dir)
     verification_rows = time_verification(pair.verifier)
     fits = fit_verification(verification_rows)
     drafter = time_drafter(pair.drafter)
-    prompts = category_prompts(pair, per_category, prompt_tokens)
+    ratio = forward_ratio(pair)
+    if pair_name == "smollm2":  # the committed chat prompts' held-out split
+        prompts = pair.category_prompts(per_category)
+    else:
+        prompts = category_prompts(pair, per_category, prompt_tokens)
     acceptance = {}
     for mode in ("greedy", "sampling"):
         acceptance[mode] = {}
         for cat, plist in prompts.items():
             values = np.array(
-                [prompt_acceptance(pair, p, mode == "greedy", seed=i) for i, p in enumerate(plist)]
+                [
+                    prompt_acceptance(pair, p, mode == "greedy", positions, seed=i)
+                    for i, p in enumerate(plist)
+                ]
             )
             acceptance[mode][cat] = {
                 "mean": float(values.mean()),
@@ -219,6 +263,7 @@ def calibrate(model_dir=None, per_category: int = 12, prompt_tokens: int = 64) -
         "verification_samples": verification_rows,
         "verification": fits,
         "drafter_per_token": drafter,
+        "forward_ratio": ratio,
         "acceptance": acceptance,
         "vocab_size": vocab,
         "kept_vocab": kept,
@@ -287,12 +332,31 @@ def profile_document(
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="multispin calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
-    p.add_argument("--out", default="multispin_env/presets/demo-pair-cpu.yaml")
+    p.add_argument(
+        "--pair",
+        default="builtin",
+        choices=["builtin", "smollm2"],
+        help="smollm2: SmolLM2-135M-Instruct and its distilled drafter on the chat prompts",
+    )
+    p.add_argument("--positions", type=int, default=24, help="answer tokens scored per prompt")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="folder for acceptance.md (the per-category table) and calibration.json",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="profile to write (default multispin_env/presets/{demo-pair,smollm2}-cpu.yaml)",
+    )
     p.add_argument("--mode", default="sampling", choices=["sampling", "greedy"])
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--per-category", type=int, default=12)
     a = p.parse_args(argv)
-    measured = calibrate(a.model, a.per_category)
+    if a.out is None:
+        stem = "smollm2-cpu" if a.pair == "smollm2" else "demo-pair-cpu"
+        a.out = f"multispin_env/presets/{stem}.yaml"
+    measured = calibrate(a.model, a.per_category, pair_name=a.pair, positions=a.positions)
     command = "multispin calibrate " + " ".join(argv if argv is not None else [])
     doc = profile_document(
         measured, a.mode, Path(a.out).stem, num_users=a.users, command=command.strip()
@@ -300,6 +364,11 @@ def main(argv=None) -> dict:
     Path(a.out).write_text(yaml.safe_dump(doc, sort_keys=False))
     v = measured["verification"]
     print(f"drafter: {1e3 * measured['drafter_per_token']['mean_s']:.2f} ms/token")
+    r = measured["forward_ratio"]
+    print(
+        f"one-token forward: drafter {1e3 * r['drafter_s']:.2f} ms, verifier "
+        f"{1e3 * r['verifier_s']:.2f} ms (ratio 1/{1 / r['ratio']:.1f})"
+    )
     print(
         f"verification affine: T_fix {1e3 * v['affine']['t_fix_s']:.2f} ms + K x "
         f"{1e3 * v['affine']['t_lin_s']:.2f} ms (R2 {v['affine']['r2']:.3f}, worst "
@@ -320,7 +389,50 @@ def main(argv=None) -> dict:
             )
         )
     print(f"wrote {a.out}")
+    if a.report:
+        write_report(measured, Path(a.report), command.strip())
     return measured
+
+
+def write_report(measured: dict, folder: Path, command: str) -> None:
+    """The acceptance table (category x mode) and every measured figure, for the README."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    r = measured["forward_ratio"]
+    lines = [
+        f"`{command}`",
+        "",
+        "Exact per-token acceptance along the verifier's own continuation of each held-out "
+        "prompt (sampling: mean of sum_x min(p, q); greedy: argmax agreement); mean ± std "
+        "over prompts.",
+        "",
+        "| category | prompts | greedy | sampling |",
+        "|---|---|---|---|",
+    ]
+    greedy, sampling = measured["acceptance"]["greedy"], measured["acceptance"]["sampling"]
+    for cat, g in greedy.items():
+        s_ = sampling[cat]
+        lines.append(
+            f"| {cat} | {g['prompts']} | {g['mean']:.3f} ± {g['std']:.3f} | "
+            f"{s_['mean']:.3f} ± {s_['std']:.3f} |"
+        )
+    for mode in ("greedy", "sampling"):
+        cats = measured["acceptance"][mode].values()
+        n = sum(c["prompts"] for c in cats)
+        measured.setdefault("overall", {})[mode] = sum(c["mean"] * c["prompts"] for c in cats) / n
+    lines.append(
+        f"| **all** | {n} | **{measured['overall']['greedy']:.3f}** | "
+        f"**{measured['overall']['sampling']:.3f}** |"
+    )
+    lines += [
+        "",
+        f"One-token cached forward, timed side by side: drafter {1e3 * r['drafter_s']:.2f} ms, "
+        f"verifier {1e3 * r['verifier_s']:.2f} ms (drafter = 1/{1 / r['ratio']:.1f} of the "
+        "verifier).",
+    ]
+    (folder / "acceptance.md").write_text("\n".join(lines) + "\n")
+    (folder / "calibration.json").write_text(json.dumps(measured, indent=1))
 
 
 if __name__ == "__main__":

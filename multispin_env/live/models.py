@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from multispin_env.live.gpt import GPT
 
 DEMO_PAIR = "demo-pair"
@@ -56,13 +58,68 @@ def verify_manifest(folder: Path) -> dict:
     return manifest
 
 
-def load_drafter(folder: str | Path | None = None, device: str = "cpu") -> GPT:
-    """Only the drafter of a pair (what a device needs), manifest checked."""
+@dataclass(frozen=True)
+class _VocabCfg:
+    vocab_size: int
+    n_positions: int
+
+
+class ReducedVocabDrafter:
+    """A drafter over a subset of the verifier's vocabulary, seen through the full one.
+
+    ``ids[i]`` is the full-vocabulary id of the drafter's token ``i + 1``; the drafter's token
+    0 stands for every input token outside the subset and is never drafted. Inputs are mapped
+    in, logits are scattered out with -inf elsewhere, so the drafter's q is exactly 0 off the
+    subset and speculative decoding stays exact (FR-Spec's reduced draft vocabulary)."""
+
+    def __init__(self, model, ids: list[int], full_vocab_size: int, map_inputs: bool = True):
+        # map_inputs=False: the model reads full-vocabulary ids (its embedding is the
+        # verifier's) and only its output layer is reduced, to exactly ``ids``
+        self.map_inputs = map_inputs
+        if map_inputs and len(ids) + 1 != model.cfg.vocab_size:
+            raise ValueError(
+                f"vocab.json lists {len(ids)} tokens but the drafter has "
+                f"{model.cfg.vocab_size - 1}: the two files are from different builds"
+            )
+        self.model = model
+        self.ids = torch.as_tensor(ids, dtype=torch.long)
+        if int(self.ids.max()) >= full_vocab_size or int(self.ids.min()) < 0:
+            raise ValueError("vocab.json has ids outside the full vocabulary")
+        self.to_local = torch.zeros(full_vocab_size, dtype=torch.long)
+        self.to_local[self.ids] = torch.arange(1, len(ids) + 1)
+        self.cfg = _VocabCfg(full_vocab_size, model.cfg.n_positions)
+
+    @torch.no_grad()
+    def forward_cached(self, new_tokens: list[list[int]], caches: list):
+        if self.map_inputs:
+            new_tokens = [
+                self.to_local[torch.as_tensor(t, dtype=torch.long)].tolist() for t in new_tokens
+            ]
+        logits, caches = self.model.forward_cached(new_tokens, caches)
+        out = []
+        for rows in logits:
+            full = torch.full((rows.shape[0], self.cfg.vocab_size), float("-inf"))
+            full[:, self.ids] = rows[:, 1:] if self.map_inputs else rows
+            out.append(full)
+        return out, caches
+
+
+def load_drafter(folder: str | Path | None = None, device: str = "cpu"):
+    """Only the drafter of a pair (what a device needs), manifest checked. A folder with a
+    ``vocab.json`` holds a reduced-vocabulary drafter (:class:`ReducedVocabDrafter`)."""
     folder = Path(folder) if folder is not None else default_pair_dir()
     if not folder.is_dir():
         raise ValueError(f"model pair folder {folder} does not exist")
     verify_manifest(folder)
-    return GPT.load(folder / "drafter", device)
+    if (folder / "selfspec.json").is_file():  # SmolLM2's first layers + trained exit
+        from multispin_env.live.smollm2 import load_self_spec_drafter
+
+        return load_self_spec_drafter(folder, device)
+    model = GPT.load(folder / "drafter", device)
+    if (folder / "vocab.json").is_file():
+        vocab = json.loads((folder / "vocab.json").read_text())
+        return ReducedVocabDrafter(model, vocab["ids"], int(vocab["full_vocab_size"]))
+    return model
 
 
 def load_pair(folder: str | Path | None = None, device: str = "cpu") -> Pair:

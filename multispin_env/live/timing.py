@@ -67,11 +67,11 @@ def _busy_drafter(model_dir, stop_after_s: float) -> None:
     import numpy as np
     import torch
 
-    from multispin_env.live.models import load_pair
+    from multispin_env.live.models import load_drafter
     from multispin_env.live.speculative import DecodingConfig, DrafterSession
 
     torch.set_num_threads(1)
-    drafter = load_pair(model_dir).drafter
+    drafter = load_drafter(model_dir)
     rng = np.random.default_rng(0)
     session = DrafterSession(drafter, DecodingConfig(), rng)
     session.start(list(rng.integers(1, drafter.cfg.vocab_size, 96)))
@@ -81,7 +81,11 @@ def _busy_drafter(model_dir, stop_after_s: float) -> None:
 
 
 def calibrate_here(
-    model_dir=None, load_processes: int = 0, reps: int = 7, context_tokens: int = 96
+    model_dir=None,
+    load_processes: int = 0,
+    reps: int = 7,
+    context_tokens: int = 96,
+    pair: str = "builtin",
 ) -> dict:
     """The pair's timing on this machine, now: the drafter's CPU seconds per token and the
     batched verification law fitted on a (K, L) grid, timed exactly as device and server
@@ -98,12 +102,18 @@ def calibrate_here(
 
     import torch
 
-    from multispin_env.live.calibrate import fit_verification, time_drafter, time_verification
-    from multispin_env.live.models import load_pair
+    from multispin_env.live.calibrate import (
+        fit_verification,
+        load_named_pair,
+        time_drafter,
+        time_verification,
+    )
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    pair = load_pair(model_dir)
+    pair = load_named_pair(pair, model_dir)
+    if model_dir is None and hasattr(pair, "drafter_folder"):
+        model_dir = str(pair.drafter_folder)  # what the load processes draft with
     drafter = time_drafter(pair.drafter, context=context_tokens, rounds=30)
     context = mp.get_context("spawn")
     procs = [
