@@ -109,7 +109,10 @@ def main(argv=None) -> None:
 
         from multispin_env.live.cli import live_args, run_live
 
-        print("\nlive chat: SmolLM2-135M-Instruct verifies a distilled drafter, 2 devices")
+        print(
+            "\nlive chat: SmolLM2-135M-Instruct verifies its distilled drafter's drafts for 2 "
+            "devices (greedy: the text is SmolLM2's own greedy answer)"
+        )
         asyncio.run(
             run_live(
                 live_args(
@@ -117,6 +120,7 @@ def main(argv=None) -> None:
                     users=2,
                     rounds=25,
                     scheduler="hete",
+                    greedy=True,
                     trace=str(Path(args.out) / "chat" / "trace.jsonl"),
                 )
             )

@@ -164,3 +164,14 @@ def test_distilled_drafter_agrees_with_smollm2_far_better_than_its_untrained_exi
     trained = np.mean([prompt_acceptance(smol, p, False, 16) for p in prompts])
     before = np.mean([prompt_acceptance(plain, p, False, 16) for p in prompts])
     assert trained > 0.15 and trained > 2 * before, (trained, before)
+
+
+def test_every_registered_env_has_hyperparameters_for_every_algorithm():
+    """`multispin train` / `end-to-end` read them: an env id without an entry (as
+    SmolLM2CPU-v0 once was) fails only after the minutes of tuning that come first."""
+    from multispin_env.registration import ENV_IDS
+    from multispin_train.hyperparams import ALGOS, load_hyperparams
+
+    for algo in ALGOS:
+        for env_id in ENV_IDS:
+            assert load_hyperparams(algo, env_id)["policy"], (algo, env_id)
