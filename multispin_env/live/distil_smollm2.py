@@ -367,29 +367,28 @@ def train_self_spec(
     return report
 
 
+DRAFTER_OUT = "multispin_env/live/models/smollm2-drafter"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
-    g = sub.add_parser("generate", help="SmolLM2's answers and soft targets")
-    g.add_argument("--work", type=Path, default=Path("runs/smollm2-distil"))
-    g.add_argument("--limit", type=int, default=None)
-    g.add_argument("--max-new", type=int, default=128)
-    t = sub.add_parser("train", help="distil the drafter from generated samples")
-    t.add_argument("--work", type=Path, default=Path("runs/smollm2-distil"))
-    t.add_argument("--out", type=Path, default=Path("multispin_env/live/models/smollm2-drafter"))
-    t.add_argument("--minutes", type=float, default=20.0)
-    t.add_argument("--layers", type=int, default=4, help="SmolLM2 layers the drafter runs")
-    t.add_argument("--trained-layers", type=int, default=2, help="top layers trained")
-    t.add_argument("--vocab", type=int, default=12288, help="draft vocabulary size")
-    b = sub.add_parser("build", help="both stages")
-    b.add_argument("--work", type=Path, default=Path("runs/smollm2-distil"))
-    b.add_argument("--out", type=Path, default=Path("multispin_env/live/models/smollm2-drafter"))
-    b.add_argument("--minutes", type=float, default=20.0)
-    b.add_argument("--layers", type=int, default=4, help="SmolLM2 layers the drafter runs")
-    b.add_argument("--trained-layers", type=int, default=2, help="top layers trained")
-    b.add_argument("--vocab", type=int, default=12288, help="draft vocabulary size")
-    b.add_argument("--limit", type=int, default=None)
-    b.add_argument("--max-new", type=int, default=128)
+    stages = {
+        "generate": sub.add_parser("generate", help="SmolLM2's answers and soft targets"),
+        "train": sub.add_parser("train", help="distil the drafter from generated samples"),
+        "build": sub.add_parser("build", help="both stages"),
+    }
+    for name, q in stages.items():
+        q.add_argument("--work", type=Path, default=Path("runs/smollm2-distil"))
+        if name != "train":
+            q.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+            q.add_argument("--max-new", type=int, default=128, help="answer tokens at most")
+        if name != "generate":
+            q.add_argument("--out", type=Path, default=Path(DRAFTER_OUT))
+            q.add_argument("--minutes", type=float, default=20.0, help="training budget")
+            q.add_argument("--layers", type=int, default=4, help="SmolLM2 layers the drafter runs")
+            q.add_argument("--trained-layers", type=int, default=2, help="top layers trained")
+            q.add_argument("--vocab", type=int, default=12288, help="draft vocabulary size")
     a = p.parse_args(argv)
     if a.stage in ("generate", "build"):
         generate(a.work, limit=a.limit, max_new=a.max_new)
