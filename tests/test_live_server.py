@@ -352,3 +352,44 @@ def test_stop_closes_every_connection_so_it_cannot_hang(pair):
             w.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_ends_at_the_end_token_and_the_others_go_on(pair):
+    """A chat answer is over at the end of the assistant's turn: the server ends that
+    request before the next round (reason end_of_text), the device leaves, a rejoin is
+    refused, and the other users keep going, still exactly the verifier's greedy text."""
+    drafter, verifier = pair
+    prompts = {"a": [1, 2, 3], "b": [5, 6]}
+    # the end token: the 3rd token of a's greedy text, which b's first tokens do not contain
+    ref_a = verifier_greedy_reference(verifier, prompts["a"], 12)
+    ref_b = verifier_greedy_reference(verifier, prompts["b"], 4)
+    end = next(t for t in ref_a[2:] if t not in ref_b)
+
+    async def scenario():
+        server = _server(verifier, trace_path=None, end_token=end)
+        port = await server.start()
+        tasks = [
+            asyncio.create_task(run_device(_device(d, p, port), drafter=drafter))
+            for d, p in prompts.items()
+        ]
+        await server.wait_for_users(2)
+        for _ in range(10):
+            if await server.play_round() is None:
+                break
+        await server.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        out_a = server.verifier.outputs["a"]
+        assert end in out_a and server.users["a"].end_reason == "end_of_text"
+        # nothing drafted for a after the round that committed the end token
+        first = out_a.index(end)
+        committed_before = [
+            sum(u["committed"] for u in rec.users if u["device_id"] == "a" and "committed" in u)
+            for rec in server.records
+        ]
+        assert sum(committed_before) == len(out_a) and len(out_a) - first <= 7
+        assert "a" in server.summary()["ended_requests"]
+        after = [r for r in server.records if all(u["device_id"] != "a" for u in r.users)]
+        assert after and all([u["device_id"] for u in r.users] == ["b"] for r in after)
+        _check_outputs(server, verifier, prompts)
+
+    asyncio.run(scenario())

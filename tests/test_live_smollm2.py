@@ -96,6 +96,10 @@ def test_pair_flag_is_checked():
         check_args(live_args(pair="gpt4"))
     with pytest.raises(ValueError, match="brings its own models"):
         check_args(live_args(pair="smollm2", model="."))
+    with pytest.raises(ValueError, match="brings its own models"):
+        check_args(live_args(pair="smollm2", hf_drafter="/nowhere"))
+    with pytest.raises(ValueError, match="chat prompt set has 48"):
+        check_args(live_args(pair="smollm2", users=49))
 
 
 def test_chat_prompts_cover_four_categories_with_disjoint_splits():
@@ -175,3 +179,29 @@ def test_every_registered_env_has_hyperparameters_for_every_algorithm():
     for algo in ALGOS:
         for env_id in ENV_IDS:
             assert load_hyperparams(algo, env_id)["policy"], (algo, env_id)
+
+
+def test_a_broken_conversion_or_drafter_folder_names_the_fix(tmp_path, monkeypatch):
+    """No raw library error: an unreadable manifest, a file in place of the cache folder,
+    and drafter folders with missing or inconsistent parts each say what to do."""
+    (tmp_path / "conv").mkdir()
+    (tmp_path / "conv" / "MANIFEST.json").write_text("{not json")
+    with pytest.raises(ValueError, match="delete .* convert anew"):
+        smollm2.check(tmp_path / "conv")
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("MULTISPIN_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ValueError, match="set MULTISPIN_CACHE to a folder"):
+        smollm2.convert(tmp_path / "file")
+    with pytest.raises(ValueError, match="non-empty and distinct"):
+        ReducedVocabDrafter(GPT(GPTConfig(3, 16, 1, 8, 2)), [4, 4], 100)
+    with pytest.raises(ValueError, match="outside the full vocabulary"):
+        ReducedVocabDrafter(GPT(GPTConfig(3, 16, 1, 8, 2)), [4, 400], 100)
+    folder = tmp_path / "drafter"
+    folder.mkdir()
+    (folder / "selfspec.json").write_text("{}")
+    from multispin_env.live.models import load_drafter
+
+    with pytest.raises(ValueError, match="not a complete drafter folder.*distil_smollm2 build"):
+        load_drafter(folder)
+    with pytest.raises(ValueError, match="use --pair smollm2|run with --pair smollm2"):
+        load_pair(smollm2.drafter_dir())

@@ -223,7 +223,8 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--no-calibrate",
         action="store_true",
-        help="with measured timing: predict with the committed demo-pair-cpu profile instead "
+        help="with measured timing: predict with the pair's committed profile (demo-pair-cpu, "
+        "smollm2-cpu) instead "
         "of timing the pair on this machine first (a live warm-up run with Hete, plus a few "
         "seconds of idle timing for the verification law's shape)",
     )
@@ -256,6 +257,11 @@ def main(argv=None) -> dict:
         p.error("--groups must be in 2..8")
     if not (np.isfinite(a.csi_error_std) and 0 <= a.csi_error_std <= 10):
         p.error("--csi-error-std must be a number in [0, 10]")
+    if a.pair == "smollm2":  # before minutes of tuning and training, not after
+        from multispin_env.live.smollm2 import INSTALL_HINT, missing_requirements
+
+        if missing_requirements():
+            p.error(f"--pair smollm2 needs {', '.join(missing_requirements())}: {INSTALL_HINT}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 

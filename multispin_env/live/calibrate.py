@@ -353,9 +353,16 @@ def main(argv=None) -> dict:
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--per-category", type=int, default=12)
     a = p.parse_args(argv)
+    for flag in ("users", "per_category", "positions"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if a.pair == "smollm2" and a.model:
+        p.error("--pair smollm2 brings its own models: leave out --model")
     if a.out is None:
         stem = "smollm2-cpu" if a.pair == "smollm2" else "demo-pair-cpu"
         a.out = f"multispin_env/presets/{stem}.yaml"
+    if not Path(a.out).parent.is_dir():  # before minutes of measuring, not after
+        p.error(f"--out {a.out}: folder {Path(a.out).parent} does not exist")
     measured = calibrate(a.model, a.per_category, pair_name=a.pair, positions=a.positions)
     command = "multispin calibrate " + " ".join(argv if argv is not None else [])
     doc = profile_document(

@@ -217,6 +217,8 @@ async def run_live(args) -> dict:
         **resolve_protocol(args, scheduler),
         timing=args.timing,
         csi_error_std=args.csi_error_std,
+        # a chat answer ends at the end of the assistant's turn
+        end_token=pair.end_id if args.pair == "smollm2" else None,
     )
     time_scale = args.time_scale
     if time_scale is None:
@@ -411,6 +413,12 @@ def resolve_protocol(args, scheduler) -> dict:
 
 def check_args(args) -> None:
     """Refuse option combinations that cannot work, before anything starts."""
+    if args.pair not in ("builtin", "smollm2"):
+        raise ValueError(f"--pair {args.pair}: choose builtin or smollm2")
+    if args.pair == "smollm2" and (args.model or args.hf_verifier or args.hf_drafter):
+        raise ValueError(
+            "--pair smollm2 brings its own models: leave out --model and --hf-drafter/--hf-verifier"
+        )
     if bool(args.hf_drafter) != bool(args.hf_verifier):
         given, missing = (
             ("--hf-drafter", "--hf-verifier")
@@ -432,15 +440,11 @@ def check_args(args) -> None:
         raise ValueError(f"--time-scale {args.time_scale}: must be a finite number >= 0")
     if args.model and args.hf_verifier:
         raise ValueError("--model and --hf-drafter/--hf-verifier exclude each other")
-    if args.pair not in ("builtin", "smollm2"):
-        raise ValueError(f"--pair {args.pair}: choose builtin or smollm2")
-    if args.pair == "smollm2" and (args.model or args.hf_verifier):
-        raise ValueError(
-            "--pair smollm2 brings its own models: leave out --model and --hf-drafter/--hf-verifier"
-        )
     if args.pair == "smollm2":
         from multispin_env.live.smollm2 import INSTALL_HINT, missing_requirements
 
+        if args.users > 48:  # the committed chat prompts' held-out split
+            raise ValueError(f"--users {args.users}: the chat prompt set has 48; use 48 or fewer")
         missing = missing_requirements()
         if missing:
             raise ValueError(f"--pair smollm2 needs {', '.join(missing)}: {INSTALL_HINT}")
@@ -613,7 +617,12 @@ def main(argv=None) -> dict:
         check_args(args)
     except ValueError as err:
         parser.error(str(err))
-    summary = asyncio.run(run_live(args))
+    try:
+        summary = asyncio.run(run_live(args))
+    except (ValueError, RuntimeError, OSError) as err:
+        # what loading finds (a corrupt checkpoint, a missing extra, too many users, no
+        # CUDA): one line that names the fix, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if summary.get("interrupted"):
         print(f"interrupted after {summary['rounds']} rounds", file=sys.stderr)
         sys.exit(130)

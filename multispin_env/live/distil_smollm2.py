@@ -80,6 +80,8 @@ def generate(
             return scores
 
     out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise ValueError("--limit must be at least 1 (the prompts to answer)")
     records, t0, n_tokens = [], time.time(), 0
     batches = [order[s : s + batch] for s in range(0, len(order), batch)]
     for b, idx in enumerate(batches):
@@ -201,10 +203,27 @@ def train_self_spec(
     from multispin_env.live import smollm2
     from multispin_env.live.train_pair import write_manifest
 
+    if not 1 <= trained_layers <= layers <= 30:
+        raise ValueError(
+            f"--layers {layers} --trained-layers {trained_layers}: need 1 <= trained layers "
+            "<= layers <= 30 (SmolLM2's depth)"
+        )
+    if not 16 <= vocab_size <= 49152:
+        raise ValueError(f"--vocab {vocab_size}: must be in 16..49152")
+    if not (work / "samples.pt").is_file():
+        raise ValueError(
+            f"{work}/samples.pt does not exist: run the generate stage first "
+            f"(python -m multispin_env.live.distil_smollm2 generate --work {work})"
+        )
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     records = torch.load(work / "samples.pt", weights_only=False)
+    if len(records) < 20:
+        raise ValueError(
+            f"{work}/samples.pt has {len(records)} answers; distillation needs at least 20 "
+            "(5% of them, at least 1, are held out for validation)"
+        )
     eos = 2  # <|im_end|>: the end of every answer must be draftable
     vocab = vocabulary_by_mass(records, vocab_size, always=(eos,))
     to_local = torch.full((49152,), -1, dtype=torch.long)
@@ -231,7 +250,7 @@ def train_self_spec(
         return out_
 
     order = rng.permutation(len(records))
-    n_val = max(16, len(records) // 20)
+    n_val = max(1, len(records) // 20)
     val = tensors([records[i] for i in order[:n_val]])
     tr = tensors([records[i] for i in order[n_val:]])
     covered = float(
@@ -356,7 +375,8 @@ def train_self_spec(
     write_manifest(
         out,
         {
-            "command": "python -m multispin_env.live.distil_smollm2 build "
+            "command": "python -m multispin_env.live.distil_smollm2 train "
+            f"--work {work} --out {out} "
             f"--minutes {minutes:g} --layers {layers} --trained-layers {trained_layers} "
             f"--vocab {vocab_size}",
             "torch": torch.__version__,

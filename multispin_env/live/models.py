@@ -82,9 +82,13 @@ class ReducedVocabDrafter:
                 f"{model.cfg.vocab_size - 1}: the two files are from different builds"
             )
         self.model = model
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError("vocab.json: the draft vocabulary must be non-empty and distinct")
         self.ids = torch.as_tensor(ids, dtype=torch.long)
         if int(self.ids.max()) >= full_vocab_size or int(self.ids.min()) < 0:
-            raise ValueError("vocab.json has ids outside the full vocabulary")
+            raise ValueError(
+                f"vocab.json has ids outside the full vocabulary of {full_vocab_size} tokens"
+            )
         self.to_local = torch.zeros(full_vocab_size, dtype=torch.long)
         self.to_local[self.ids] = torch.arange(1, len(ids) + 1)
         self.cfg = _VocabCfg(full_vocab_size, model.cfg.n_positions)
@@ -98,6 +102,11 @@ class ReducedVocabDrafter:
         logits, caches = self.model.forward_cached(new_tokens, caches)
         out = []
         for rows in logits:
+            if rows.shape[1] != len(self.ids) + self.map_inputs:
+                raise ValueError(
+                    f"the drafter outputs {rows.shape[1]} logits for a draft vocabulary of "
+                    f"{len(self.ids)}: its weights and vocab.json are from different builds"
+                )
             full = torch.full((rows.shape[0], self.cfg.vocab_size), float("-inf"))
             full[:, self.ids] = rows[:, 1:] if self.map_inputs else rows
             out.append(full)
@@ -133,6 +142,8 @@ def load_pair(folder: str | Path | None = None, device: str = "cpu") -> Pair:
             f"model pair folder {folder} does not exist; train one with "
             "`python -m multispin_env.live.train_pair --out FOLDER`"
         )
+    if (folder / "selfspec.json").is_file():
+        raise ValueError(f"{folder} is the SmolLM2 drafter: run with --pair smollm2 instead")
     manifest = verify_manifest(folder)
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder} has no tokenizer.json")

@@ -113,6 +113,10 @@ class LiveConfig:
             simulator's switches (:mod:`multispin_env.live.rounds`).
         timing: ``measured`` (this host's times) or ``profile:PRESET`` (drafting,
             verification and payload from a preset; :mod:`multispin_env.live.timing`).
+        end_token: the pair's end-of-text token (a chat model's end of turn): a request
+            whose committed text contains it ends before the next round (reason
+            ``end_of_text``), so no tokens past the answer are drafted or counted.
+            None: requests end only when the context is full.
     """
 
     max_users: int = 8
@@ -125,6 +129,7 @@ class LiveConfig:
     temperature: float = 1.0
     kept_vocab: int = 1024
     csi_error_std: float = 0.0
+    end_token: int | None = None
     trace_path: str | None = None
     seed: int = 0
     t_ref_s: float | None = None
@@ -487,8 +492,13 @@ class EdgeServer:
                     f"device id {device_id!r} belongs to another session; to rejoin, send the "
                     "session secret from its welcome, or pick a new device id",
                 )
-            if user.end_reason == "context_full":
-                raise Rejected("ended", "this request is over: the verifier's context is full")
+            if user.end_reason in ("context_full", "end_of_text"):
+                why = (
+                    "the verifier's context is full"
+                    if user.end_reason == "context_full"
+                    else ("its answer is complete")
+                )
+                raise Rejected("ended", f"this request is over: {why}")
             slot = (
                 self._free_slot(prefer=user.slot)
                 if not self._slot_taken(user, time.monotonic())
@@ -876,11 +886,16 @@ class EdgeServer:
     async def play_round(self) -> RoundRecord | None:
         """One round (one cycle of every group under pipelining): channel, decision, the
         protocol piece's message flow and verification, history and record."""
-        for user in self.connected:  # requests that no longer fit end here, cleanly
-            if self.context_room(user) < 1 and not self.round_protocol.pending_tokens(
-                user.device_id
-            ):
+        for user in self.connected:  # requests that are over end here, cleanly
+            waiting = self.round_protocol.pending_tokens(user.device_id)
+            if user.ended or waiting:
+                continue
+            if self.context_room(user) < 1:
                 await self._end_request(user, "context_full")
+            elif self.cfg.end_token is not None and (
+                self.cfg.end_token in self.verifier.outputs[user.device_id]
+            ):
+                await self._end_request(user, "end_of_text")
         # a user whose waiting draft leaves no room sits this round out until it is verified
         users = [u for u in self.connected if not u.ended and self.context_room(u) >= 1]
         if not users and not self.round_protocol.pending_tokens(None):
@@ -1054,7 +1069,9 @@ class EdgeServer:
             "rejected_drafts": sum(len(r.rejected) for r in self.records),
             "protocol_errors": self.protocol_error_count,
             "ended_requests": sorted(
-                u.device_id for u in self.users.values() if u.end_reason == "context_full"
+                u.device_id
+                for u in self.users.values()
+                if u.end_reason in ("context_full", "end_of_text")
             ),
         }
 

