@@ -99,11 +99,10 @@ def main(argv=None) -> None:
     if args.live and args.chat:
         from multispin_env.live import smollm2
 
-        missing = smollm2.missing_requirements()
-        if missing:
-            print(
-                f"\nchat demo skipped: {', '.join(missing)} not installed ({smollm2.INSTALL_HINT})"
-            )
+        try:
+            smollm2.require()
+        except smollm2.MissingExtra as err:
+            print(f"\nchat demo skipped: {err}")
             return
         import asyncio
 

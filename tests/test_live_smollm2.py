@@ -9,7 +9,7 @@ import torch
 
 from multispin_env.live import smollm2
 from multispin_env.live.gpt import GPT, GPTConfig
-from multispin_env.live.models import ReducedVocabDrafter, load_pair
+from multispin_env.live.models import ReducedVocabDrafter, file_sha256, load_pair
 from multispin_env.live.speculative import DecodingConfig, DrafterSession, verifier_greedy_reference
 
 HAVE_EXTRA = not smollm2.missing_requirements()
@@ -64,7 +64,7 @@ def test_mismatched_vocab_file_is_refused():
 
 def test_converted_checkpoint_is_checked_against_its_manifest(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    digest = smollm2._sha256(tmp_path / "config.json")
+    digest = file_sha256(tmp_path / "config.json")
     (tmp_path / "MANIFEST.json").write_text(
         json.dumps({"files": {"config.json": {"sha256": digest}}})
     )

@@ -258,10 +258,12 @@ def main(argv=None) -> dict:
     if not (np.isfinite(a.csi_error_std) and 0 <= a.csi_error_std <= 10):
         p.error("--csi-error-std must be a number in [0, 10]")
     if a.pair == "smollm2":  # before minutes of tuning and training, not after
-        from multispin_env.live.smollm2 import INSTALL_HINT, missing_requirements
+        from multispin_env.live.smollm2 import MissingExtra, require
 
-        if missing_requirements():
-            p.error(f"--pair smollm2 needs {', '.join(missing_requirements())}: {INSTALL_HINT}")
+        try:
+            require()
+        except MissingExtra as err:
+            p.error(str(err))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -441,13 +441,14 @@ def check_args(args) -> None:
     if args.model and args.hf_verifier:
         raise ValueError("--model and --hf-drafter/--hf-verifier exclude each other")
     if args.pair == "smollm2":
-        from multispin_env.live.smollm2 import INSTALL_HINT, missing_requirements
+        from multispin_env.live import chat_prompts, smollm2
 
-        if args.users > 48:  # the committed chat prompts' held-out split
-            raise ValueError(f"--users {args.users}: the chat prompt set has 48; use 48 or fewer")
-        missing = missing_requirements()
-        if missing:
-            raise ValueError(f"--pair smollm2 needs {', '.join(missing)}: {INSTALL_HINT}")
+        held_out = len(chat_prompts.load("test"))
+        if args.users > held_out:
+            raise ValueError(
+                f"--users {args.users}: the chat prompt set has {held_out}; use {held_out} or fewer"
+            )
+        smollm2.require()
 
 
 def live_args(**overrides) -> argparse.Namespace:

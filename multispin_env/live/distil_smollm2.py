@@ -34,16 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SYSTEM = None  # SmolLM2's chat template adds its own system line
-
-
-def chat_ids(tok, prompt: str) -> list[int]:
-    """The chat-templated prompt (one user turn, assistant turn opened) as token ids."""
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return tok(text, add_special_tokens=False).input_ids
-
 
 def generate(
     out: Path,
@@ -64,7 +54,7 @@ def generate(
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     rows = chat_prompts.load("train")[:limit]
-    prompts = [chat_ids(tok, r["prompt"]) for r in rows]
+    prompts = [smollm2.chat_ids(tok, r["prompt"]) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos

@@ -40,6 +40,15 @@ class Pair:
         return self.tokenizer.decode(ids)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MB blocks (SmolLM2's checkpoint is 538 MB)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def verify_manifest(folder: Path) -> dict:
     path = folder / "MANIFEST.json"
     if not path.is_file():
@@ -49,7 +58,7 @@ def verify_manifest(folder: Path) -> dict:
         file = folder / name
         if not file.is_file():
             raise ValueError(f"{folder}: {name} is listed in MANIFEST.json but missing")
-        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        digest = file_sha256(file)
         if digest != entry["sha256"]:
             raise ValueError(
                 f"{folder}: {name} has sha256 {digest[:12]}..., the manifest says "

@@ -78,6 +78,12 @@ from multispin_env.observation import ObservationSpec, UserHistory, build_observ
 from multispin_env.physics import spectral_efficiency
 from multispin_env.types import Decision
 
+# why a request is over for good (a rejoin is refused), with the text the refusal gives
+FINISHED = {
+    "context_full": "the verifier's context is full",
+    "end_of_text": "its answer is complete",
+}
+
 
 @dataclass
 class LiveConfig:
@@ -492,13 +498,8 @@ class EdgeServer:
                     f"device id {device_id!r} belongs to another session; to rejoin, send the "
                     "session secret from its welcome, or pick a new device id",
                 )
-            if user.end_reason in ("context_full", "end_of_text"):
-                why = (
-                    "the verifier's context is full"
-                    if user.end_reason == "context_full"
-                    else ("its answer is complete")
-                )
-                raise Rejected("ended", f"this request is over: {why}")
+            if user.end_reason in FINISHED:
+                raise Rejected("ended", f"this request is over: {FINISHED[user.end_reason]}")
             slot = (
                 self._free_slot(prefer=user.slot)
                 if not self._slot_taken(user, time.monotonic())
@@ -1069,9 +1070,7 @@ class EdgeServer:
             "rejected_drafts": sum(len(r.rejected) for r in self.records),
             "protocol_errors": self.protocol_error_count,
             "ended_requests": sorted(
-                u.device_id
-                for u in self.users.values()
-                if u.end_reason in ("context_full", "end_of_text")
+                u.device_id for u in self.users.values() if u.end_reason in FINISHED
             ),
         }
 

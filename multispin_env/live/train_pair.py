@@ -17,7 +17,6 @@ Run on the project's 2-core machine: ~16 minutes (see README "Live mode").
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sysconfig
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from multispin_env.live.gpt import GPT, GPTConfig
+from multispin_env.live.models import file_sha256
 
 DRAFTER = GPTConfig(vocab_size=4096, n_positions=512, n_layer=2, n_embd=128, n_head=4)
 VERIFIER = GPTConfig(vocab_size=4096, n_positions=512, n_layer=6, n_embd=256, n_head=8)
@@ -144,15 +144,11 @@ def train_model(
     return model.eval(), report
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_manifest(folder: Path, extra: dict) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "MANIFEST.json")
     manifest = {
         "files": {
-            str(p.relative_to(folder)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+            str(p.relative_to(folder)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in files
         }
     } | extra
