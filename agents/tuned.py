@@ -17,6 +17,12 @@ equal_mix       the bandwidth actually given is (1 - equal_mix) B_solver + equal
                 a hedge against a channel estimate that is wrong for one user.
 fast            Hete on a coarser grid without polish (see ``SolverPolicy.fast``): for a base
                 heuristic that runs inside the env at every step.
+oracle          (spec token ``oracle``) the simulator's hidden truth replaces the estimates:
+                every user's true acceptance rate for both sources and the true channel for
+                the estimate. Not deployable (live mode has no truth to give); it measures
+                how much the family could gain from knowing what the server cannot, an upper
+                reference for what a learned policy could add by inferring it
+                (``multispin tune --oracle``).
 
 Knobs of the extended protocols (multispin_env.protocols; ignored in the synchronous round):
 
@@ -76,6 +82,7 @@ class TunedHeuristic:
     cap_scale: float = 1.0
     deadline_scale: float = 1.0
     stable_groups: bool = False
+    oracle: bool = False
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -103,7 +110,8 @@ class TunedHeuristic:
         return (
             f"tuned[{self.scheme},{self.alpha_source},cap={self.length_cap},"
             f"margin={self.csi_margin!r},mix={self.equal_mix!r}{self._protocol_suffix()}"
-            f"{',stable' if self.stable_groups else ''}{',fast' if self.fast else ''}]"
+            f"{',stable' if self.stable_groups else ''}{',fast' if self.fast else ''}"
+            f"{',oracle' if self.oracle else ''}]"
         )
 
     def protocol_knobs(self) -> dict:
@@ -114,6 +122,22 @@ class TunedHeuristic:
             if getattr(self, name) != _DEFAULTS[name]
         }
         return knobs | ({"stable": True} if self.stable_groups else {})
+
+    def _view(self, view):
+        """The view the knobs plan with: the hidden truth in place of estimates (``oracle``)."""
+        if not self.oracle:
+            return view
+        if view.oracle_alpha is None or view.oracle_spectral_eff is None:
+            raise ValueError(
+                f"{self.name} plans with the hidden truth (oracle), which this view does not "
+                "have (a live system cannot know it): drop 'oracle' from the spec"
+            )
+        return dataclasses.replace(
+            view,
+            alpha_prior=view.oracle_alpha,
+            alpha_hat=view.oracle_alpha,
+            spectral_eff_est=view.oracle_spectral_eff,
+        )
 
     def _protocol_suffix(self) -> str:
         """Protocol knobs that differ from their defaults (so synchronous names stay short)."""
@@ -126,6 +150,7 @@ class TunedHeuristic:
 
     def decide(self, view) -> Decision:
         """The decision under the view's protocol (the synchronous round: :meth:`act`)."""
+        view = self._view(view)
         groups = getattr(view, "pipeline_groups", 1)
         group = None
         if groups > 1 and self.stable_groups:
@@ -151,6 +176,7 @@ class TunedHeuristic:
 
     def act(self, view, group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The allocation (lengths, bandwidth_hz); with ``group``, one solve per group."""
+        view = self._view(view)
         planned = dataclasses.replace(
             view,
             spectral_eff_est=view.spectral_eff_est * self.csi_margin,
@@ -169,6 +195,7 @@ class TunedHeuristic:
         has the whole band). For its own lengths it is its own bandwidth."""
         from multispin_env.allocation import groupwise_equalising_bandwidth
 
+        view = self._view(view)
         lengths = np.asarray(lengths)
         if self.scheme == "uni_bw":  # equal shares of each group's band
             drafting = lengths > 0
@@ -229,6 +256,8 @@ class TunedHeuristic:
                 fields["fast"] = True
             elif part == "stable":
                 fields["stable_groups"] = True
+            elif part == "oracle":
+                fields["oracle"] = True
             elif part in SOURCES:
                 fields["alpha_source"] = part
             elif "=" in part and part.split("=")[0] in keys:
@@ -244,7 +273,7 @@ class TunedHeuristic:
                 raise ValueError(
                     f"{spec!r}: unknown part {part!r}; parts are a scheme {SCHEMES}, a source "
                     f"{SOURCES}, cap=INT, margin=FLOAT, mix=FLOAT, stop=FLOAT, scale=FLOAT, "
-                    "deadline=FLOAT, stable, fast"
+                    "deadline=FLOAT, stable, fast, oracle"
                 )
         if max_draft_length is not None and "length_cap" not in fields:
             fields["length_cap"] = max_draft_length

@@ -14,13 +14,17 @@ Each experiment
    a zero-initialised actor, once per training seed (default 5 seeds, ``--jobs`` at a time);
    model selection (``best_model.zip``) evaluates before the first update too, so a run can
    only keep a policy that beat its starting point on the evaluation seeds;
-3. compares every seed's selected policy with Fixed, Uni-BW, Homo, Hete and the tuned
+3. gates every seed's selected policy (``multispin_train.gate``): it is deployed only if it
+   beats its base heuristic on 256 fresh episodes (the lower end of the paired 95% CI above
+   1); otherwise the deployed policy is the base itself (the residual zeroed);
+4. compares every seed's deployed policy with Fixed, Uni-BW, Homo, Hete and the tuned
    heuristic on 32 held-out episodes (seeds 2,000,000+, disjoint from training, model
-   selection and tuning), with common random numbers;
-4. reports, across training seeds, the interquartile mean of the per-episode goodput ratio
+   selection, the gate and tuning), with common random numbers;
+5. reports, across training seeds, the interquartile mean of the per-episode goodput ratio
    to the tuned heuristic with a stratified-bootstrap 95% CI, the probability of improvement
-   over the tuned heuristic, the worst seed, and each seed's paired CI;
-5. exports every seed's policy as a bundle (``bundle_s<seed>/``: ONNX + sidecar).
+   over the tuned heuristic, the worst seed, and each seed's paired CI; the same for the
+   selected policies before the gate;
+6. exports every seed's deployed policy as a bundle (``bundle_s<seed>/``: ONNX + sidecar).
 
 Outputs: ``results/experiments/<name>/`` (``compare.{md,csv,png}``, ``seeds.csv``,
 ``learning_curves.png``, ``summary.json``, bundles); runs in ``runs/experiments/<name>/``.
@@ -80,6 +84,9 @@ for _scenario, _env, _target in (
             "question": f"learned policy >= {_target} x the best tuned heuristic of the same "
             "protocol as an IQM over training seeds",
         }
+
+
+GATE_EPISODES = 256  # fresh episodes for each seed's safety test (0: no gate)
 
 
 def ensure_tuned(env_id: str, progress: bool = True) -> Path:
@@ -186,15 +193,19 @@ def run_experiment(
     jobs: int = 2,
     evaluate_only: bool = False,
     progress: bool = True,
+    gate_episodes: int = GATE_EPISODES,
 ) -> dict:
     from multispin_agents.tuned import load_tuned
     from multispin_eval.compare import (
         EVAL_SEED_START,
         compare_with_scores,
+        make_controller,
         to_markdown,
         write_outputs,
     )
+    from multispin_eval.harness import run_episodes
     from multispin_train.export import export_run
+    from multispin_train.gate import DEPLOYED_MODEL
 
     spec = EXPERIMENTS[name]
     env_id = spec["env_id"]
@@ -212,10 +223,18 @@ def run_experiment(
     else:
         runs = train_seeds(spec, base_policy, seeds, steps, run_root_p, jobs)
     train_wall = time.perf_counter() - t0
+    gates = gate_seeds(env_id, base_policy, runs, gate_episodes, progress)
     held_out = list(range(EVAL_SEED_START, EVAL_SEED_START + eval_seeds))
-    learned = [f"learned s{s}={runs[s] / 'best_model.zip'}" for s in seeds]
+    deployed = DEPLOYED_MODEL if gate_episodes else "best_model.zip"
+    learned = [f"learned s{s}={runs[s] / deployed}" for s in seeds]
     policies = spec["policies"] + [f"tuned={tuned.name}"] + learned
     rows, scores = compare_with_scores(env_id, policies, held_out, progress=progress)
+    selected = {  # before the gate: where it fell back, the candidate it refused
+        s: run_episodes(make_controller(str(runs[s] / "best_model.zip")), env_id, held_out).goodput
+        if gates.get(s, {}).get("deployed") == "base"
+        else scores[f"learned s{s}"]
+        for s in seeds
+    }
     out = Path(out_root) / name
     title = f"{name}: {env_id}, {eval_seeds} held-out episodes, {len(seeds)} training seeds"
     write_outputs(rows, out, title)
@@ -225,27 +244,35 @@ def run_experiment(
         for ref in ("hete", "tuned")
     }
     stats, vs_hete, vs_tuned = vs[reference], vs["hete"], vs["tuned"]
+    selected_vs_tuned = seed_statistics(np.stack([selected[s] / scores["tuned"] for s in seeds]))
     configs = {s: json.loads((runs[s] / "config.json").read_text()) for s in seeds}
     plot_learning_curves(runs, out / "learning_curves.png", title)
     bundles = {}
     for s in seeds:
-        bundle = export_run(runs[s], out / f"bundle_s{s}", parity_samples=64)
+        bundle = export_run(runs[s], out / f"bundle_s{s}", model_file=deployed, parity_samples=64)
         bundles[s] = str(bundle)
     with (out / "seeds.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["seed", "vs_tuned", "vs_tuned_ci95", "vs_hete", "vs_hete_ci95", "train_s"])
+        w.writerow(
+            ["seed", "vs_tuned", "vs_tuned_ci95", "vs_hete", "vs_hete_ci95", "train_s",
+             "selected_vs_tuned", "gate_ratio", "gate_ci95_low", "gate_ci95_high", "deployed"]
+        )  # fmt: skip
         for i, s in enumerate(seeds):
+            g = gates.get(s, {"mean": float("nan"), "ci95": [float("nan")] * 2, "deployed": ""})
             w.writerow(
                 [s, f"{vs_tuned['per_seed_mean'][i]:.4f}", f"{vs_tuned['per_seed_ci95'][i]:.4f}",
                  f"{vs_hete['per_seed_mean'][i]:.4f}", f"{vs_hete['per_seed_ci95'][i]:.4f}",
-                 configs[s].get("train_time_s")]
+                 configs[s].get("train_time_s"),
+                 f"{selected_vs_tuned['per_seed_mean'][i]:.4f}", f"{g['mean']:.4f}",
+                 f"{g['ci95'][0]:.4f}", f"{g['ci95'][1]:.4f}", g["deployed"] or "ungated"]
             )  # fmt: skip
     tuned_row = next(r for r in rows if r["policy"] == "tuned")
     summary = {
         "experiment": name,
         "question": spec["question"],
         "command": f"multispin experiment {name} --seeds {' '.join(map(str, seeds))}"
-        + (f" --timesteps {timesteps}" if timesteps else ""),
+        + (f" --timesteps {timesteps}" if timesteps else "")
+        + (f" --gate-episodes {gate_episodes}" if gate_episodes != GATE_EPISODES else ""),
         "env_id": env_id,
         "tuned_heuristic": tuned.to_dict(),
         "tuned_heuristic_file": str(tuned_path),
@@ -260,6 +287,9 @@ def run_experiment(
         "learned_vs_target_reference": stats,
         "learned_vs_hete": vs_hete,
         "learned_vs_tuned": vs_tuned,
+        "gate_episodes": gate_episodes,
+        "gate": {s: gates[s] for s in sorted(gates)},
+        "selected_vs_tuned_before_gate": selected_vs_tuned,
         "target_met": stats["iqm"] >= spec["target"],
         "held_out_seeds": [held_out[0], held_out[-1]],
         "bundles": bundles,
@@ -274,7 +304,33 @@ def run_experiment(
         f"{stats['probability_of_improvement']:.2f}, worst seed {stats['worst_seed_mean']:.3f}; "
         f"target {'met' if summary['target_met'] else 'NOT met'}"
     )
+    if gates:
+        kept = [s for s in seeds if gates[s]["deployed"] == "candidate"]
+        print(
+            f"gate ({gate_episodes} fresh episodes): deployed the learned correction of seeds "
+            f"{kept or 'none'}, the base elsewhere; before the gate, learned / tuned IQM "
+            f"{selected_vs_tuned['iqm']:.3f}, worst seed {selected_vs_tuned['worst_seed_mean']:.3f}"
+        )
     return summary
+
+
+def gate_seeds(env_id, base_policy, runs: dict, episodes: int, progress: bool) -> dict:
+    """The safety test of every run against the shared base (``multispin_train.gate``)."""
+    if not episodes:
+        return {}
+    from tqdm import tqdm
+
+    from multispin_train.gate import GATE_SEED_START, base_goodput, base_of, describe, gate_run
+
+    gate_seed_list = list(range(GATE_SEED_START, GATE_SEED_START + episodes))
+    scenario = base_of(next(iter(runs.values())))[2]  # every run: the experiment's scenario
+    base = base_goodput(env_id, base_policy, gate_seed_list, scenario)
+    gates = {}
+    for s in tqdm(runs, desc=f"gate on {episodes} fresh episodes", disable=not progress):
+        gates[s] = gate_run(runs[s], episodes, base_scores=base)
+        if progress:
+            tqdm.write(f"seed {s}: {describe(gates[s])}")
+    return gates
 
 
 def main(argv=None) -> dict:
@@ -294,13 +350,22 @@ def main(argv=None) -> dict:
         action="store_true",
         help="skip training; re-evaluate the runs already in --runs/<name>/s<seed>",
     )
+    p.add_argument(
+        "--gate-episodes",
+        type=int,
+        default=GATE_EPISODES,
+        help="fresh episodes on which each seed's policy must beat its base heuristic to be "
+        "deployed (0: no gate, deploy the selected policy)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
     a = p.parse_args(argv)
     if a.jobs < 1 or a.eval_seeds < 2:
         p.error("--jobs must be >= 1 and --eval-seeds >= 2")
+    if a.gate_episodes < 0 or a.gate_episodes == 1:
+        p.error("--gate-episodes must be 0 (no gate) or >= 2")
     return run_experiment(
         a.name, a.timesteps, a.seeds, a.eval_seeds, a.out, a.runs, a.jobs, a.evaluate_only,
-        a.progress,
+        a.progress, a.gate_episodes,
     )  # fmt: skip
 
 

@@ -55,13 +55,15 @@ def tune(
     progress: bool = True,
     fast: bool = True,
     warm_start: list[dict] | None = None,
+    oracle: bool = False,
 ) -> dict:
     """Run the search; returns the result dict that :func:`main` writes.
 
     Under an extended protocol the protocol's knobs are searched too (stop threshold and
     cap scale for early stop, deadline scale and cap scale for deadline verification, cap
     scale for pipelined groups). ``warm_start``: knob sets tried first (e.g. the best
-    synchronous heuristic of the same scenario)."""
+    synchronous heuristic of the same scenario). ``oracle``: the family planning with the
+    simulator's hidden truth (``TunedHeuristic.oracle``), an upper reference, not a baseline."""
     import optuna
     from tqdm import tqdm
 
@@ -110,6 +112,7 @@ def tune(
         }
         heuristic = TunedHeuristic(
             fast=fast,
+            oracle=oracle,
             scheme=trial.suggest_categorical("scheme", list(schemes)),
             alpha_source=trial.suggest_categorical("alpha_source", list(SOURCES)),
             length_cap=trial.suggest_int("length_cap", 1, l_max),
@@ -131,7 +134,7 @@ def tune(
     params = dict(study.best_params)
     for key in ("csi_margin", "equal_mix", *protocol_knobs):  # the grid, without float residue
         params[key] = round(params[key], 2)
-    best = TunedHeuristic(**params, fast=fast)
+    best = TunedHeuristic(**params, fast=fast, oracle=oracle)
     hete = reference_hete_goodput(env_id, seeds, env_kwargs)
     rows = [
         {"number": t.number, "goodput": t.value, **t.params}
@@ -180,6 +183,13 @@ def main(argv=None) -> dict:
         help="Hete's full grid and polish (default: the fast variant, cheap enough to serve "
         "as the base of residual policies at every env step)",
     )
+    p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="tune the family planning with the simulator's hidden truth (true acceptance and "
+        "channel): an upper reference for what inferring them could add, not a deployable "
+        "baseline (default out: results/tuned/<env>.oracle.json)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no bar")
     a = p.parse_args(argv)
     if a.trials < len(a.schemes) or a.seeds < 1:
@@ -190,11 +200,16 @@ def main(argv=None) -> dict:
         # the best synchronous heuristic, inside the protocol, is the first candidate
         warm_start.append(json.loads(default_tuned_path(sync_id).read_text())["best"])
         print(f"warm start: the tuned heuristic of {sync_id}")
+    if a.oracle and default_tuned_path(a.env).is_file():  # the deployable best's knobs first
+        warm_start.append(json.loads(default_tuned_path(a.env).read_text())["best"])
+        print(f"warm start: the tuned heuristic of {a.env}")
     result = tune(
         a.env, a.trials, a.seeds, a.seed, parse_cli_kwargs(a.env_kwargs), tuple(a.schemes),
-        a.progress, a.fast, warm_start,
+        a.progress, a.fast, warm_start, a.oracle,
     )  # fmt: skip
     out = Path(a.out) if a.out else default_tuned_path(a.env)
+    if a.oracle and not a.out:
+        out = out.with_suffix(".oracle.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(
