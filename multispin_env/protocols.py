@@ -69,6 +69,69 @@ from multispin_env import rng as crng
 from multispin_env._jit import kernel
 from multispin_env.verification import padded_latency_s
 
+
+def resolve_levers(
+    shape: tuple[int, int],
+    groups: int,
+    stop_threshold=None,
+    deadline_s=None,
+    group=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The protocol levers of a decision for ``shape = (N, K)``, checked, with their defaults:
+    ``(threshold (N, K) in [0, 1), deadline (N,) > 0 seconds, group (N, K) int64 in
+    [0, groups))``. Defaults: never stop early (0), no deadline (inf: wait for every draft),
+    user k in group k mod G. The simulator and the live server both decide with this, so a
+    lever one accepts the other accepts too. Raises ValueError naming the lever."""
+    n, k = shape
+    if stop_threshold is None:
+        threshold = np.zeros(shape)
+    else:
+        threshold = np.asarray(stop_threshold, dtype=np.float64)
+        if threshold.shape not in ((), shape[1:], shape):
+            raise ValueError(
+                f"stop_threshold must be one number, one per user (shape {shape[1:]}) or one "
+                f"per user and environment (shape {shape}); got shape {threshold.shape}"
+            )
+        threshold = np.broadcast_to(threshold, shape)
+        bad = ~((threshold >= 0) & (threshold < 1))
+        if bad.any():
+            raise ValueError(
+                "stop_threshold must be confidences in [0, 1) (0: never stop); got "
+                f"{threshold[bad].flat[0]!r}"
+            )
+    if deadline_s is None:
+        deadline = np.full(n, np.inf)
+    else:
+        deadline = np.asarray(deadline_s, dtype=np.float64)
+        if deadline.shape not in ((), (n,)):
+            raise ValueError(
+                f"deadline_s must be one number or one per environment, shape ({n},); got "
+                f"shape {deadline.shape}"
+            )
+        deadline = np.broadcast_to(deadline, (n,))
+        bad = np.isnan(deadline) | (deadline <= 0)
+        if bad.any():
+            raise ValueError(
+                "deadline_s must be > 0 seconds (inf: wait for every draft); got "
+                f"{deadline[bad][0]!r}"
+            )
+    if group is None:
+        grp = np.broadcast_to(np.arange(k) % groups, shape)
+    else:
+        grp = np.asarray(group)
+        if grp.ndim == 1 and n == 1:
+            grp = grp[None, :]
+        if grp.shape != shape or not np.issubdtype(grp.dtype, np.integer):
+            raise ValueError(f"group must be integers of shape {shape}")
+        if grp.min() < 0 or grp.max() >= groups:
+            raise ValueError(f"group must be integers in [0, pipeline_groups={groups})")
+    return (
+        np.ascontiguousarray(threshold),
+        np.ascontiguousarray(deadline),
+        np.ascontiguousarray(grp, dtype=np.int64),
+    )
+
+
 TOKEN_COUNTER_BASE = np.uint64(1 << 45)  # counters of per-token draws: above round/episode ones
 _POSITIONS_PER_ROUND = np.uint64(512)  # > L_max + 1 (L_max <= 256)
 

@@ -21,7 +21,7 @@ from scipy.special import betaincinv
 from multispin_env import rng as crng
 from multispin_env._jit import kernel
 from multispin_env.config import ScenarioConfig
-from multispin_env.protocols import logit_mean_for, play_extended_round
+from multispin_env.protocols import logit_mean_for, play_extended_round, resolve_levers
 from multispin_env.types import RoundResult
 from multispin_env.verification import padded_batch_latency_s
 
@@ -382,45 +382,9 @@ class MultiSpinSimulator:
                     f"off (protocol: {cfg.protocol_name}); set {_SWITCH_OF[name]} in its config "
                     f"or leave {name} out"
                 )
-        if stop_threshold is None:
-            threshold = np.zeros(shape)
-        else:
-            threshold = _per_user(stop_threshold, shape, "stop_threshold")
-            bad = ~((threshold >= 0) & (threshold < 1))
-            if bad.any():
-                raise ValueError(
-                    f"stop_threshold must be confidences in [0, 1) (0: never stop); got "
-                    f"{threshold[bad].flat[0]!r}"
-                )
+        threshold, deadline, grp = resolve_levers(shape, groups, stop_threshold, deadline_s, group)
         with np.errstate(divide="ignore"):
             stop_logit = np.ascontiguousarray(np.log(threshold) - np.log1p(-threshold))
-        if deadline_s is None:
-            deadline = np.full(n, np.inf)
-        else:
-            deadline = np.asarray(deadline_s, dtype=np.float64)
-            if deadline.shape not in ((), (n,)):
-                raise ValueError(
-                    f"deadline_s must be one number or one per environment, shape ({n},); got "
-                    f"shape {deadline.shape}"
-                )
-            deadline = np.ascontiguousarray(np.broadcast_to(deadline, (n,)))
-            bad = np.isnan(deadline) | (deadline <= 0)
-            if bad.any():
-                raise ValueError(
-                    f"deadline_s must be > 0 seconds (inf: wait for every draft); got "
-                    f"{deadline[bad][0]!r}"
-                )
-        if group is None:
-            grp = np.ascontiguousarray(np.broadcast_to(np.arange(k) % groups, shape))
-        else:
-            grp = np.asarray(group)
-            if grp.ndim == 1 and n == 1:
-                grp = grp[None, :]
-            if grp.shape != shape or not np.issubdtype(grp.dtype, np.integer):
-                raise ValueError(f"group must be integers of shape {shape}")
-            if grp.min() < 0 or grp.max() >= groups:
-                raise ValueError(f"group must be integers in [0, pipeline_groups={groups})")
-            grp = np.ascontiguousarray(grp, dtype=np.int64)
         if validate:
             self.validate_allocation(lengths, bw, grp if groups > 1 else None)
         bw = np.ascontiguousarray(bw)
@@ -500,17 +464,6 @@ _SWITCH_OF = {
     "deadline_s": "streaming_deadline=True",
     "group": "pipeline_groups=2 (or more)",
 }
-
-
-def _per_user(value, shape: tuple[int, int], name: str) -> np.ndarray:
-    """A per-user decision as ``(N, K)`` floats: one number, a ``(K,)`` row or ``(N, K)``."""
-    arr = np.asarray(value, dtype=np.float64)
-    if arr.shape not in ((), shape[1:], shape):
-        raise ValueError(
-            f"{name} must be one number, one per user (shape {shape[1:]}) or one per user and "
-            f"environment (shape {shape}); got shape {arr.shape}"
-        )
-    return np.broadcast_to(arr, shape)
 
 
 def _geometric_length(u: np.ndarray, mean_tokens: float) -> np.ndarray:

@@ -1043,3 +1043,25 @@ def test_bad_protocol_config_names_the_field(overrides, field):
 def test_protocol_fields_are_typed(overrides, field):
     with pytest.raises(TypeError, match=field):
         load_preset("paper-llama2", **overrides)
+
+
+def test_resolve_levers_defaults_broadcasts_and_names_the_bad_lever():
+    """One check for the simulator and the live server (live used to refuse an infinite
+    deadline that the simulator accepts)."""
+    from multispin_env.protocols import resolve_levers
+
+    stop, deadline, group = resolve_levers((2, 3), 2)
+    assert (stop == 0).all() and np.isinf(deadline).all() and group.tolist() == [[0, 1, 0]] * 2
+    stop, deadline, group = resolve_levers((1, 3), 3, 0.4, [np.inf], [2, 0, 1])
+    assert stop.shape == (1, 3) and np.isinf(deadline[0]) and group.tolist() == [[2, 0, 1]]
+    assert group.dtype == np.int64 and group.flags.c_contiguous
+    for kwargs, name in (
+        ({"stop_threshold": 1.0}, "stop_threshold"),
+        ({"stop_threshold": [0.1, 0.2]}, "stop_threshold"),
+        ({"deadline_s": 0.0}, "deadline_s"),
+        ({"deadline_s": [np.nan]}, "deadline_s"),
+        ({"group": [0, 1, 2]}, "group"),
+        ({"group": [0.0, 1.0, 0.0]}, "group"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            resolve_levers((1, 3), 2, **kwargs)

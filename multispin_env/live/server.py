@@ -76,6 +76,7 @@ from multispin_env.live.validation import (
 )
 from multispin_env.observation import ObservationSpec, UserHistory, build_observation
 from multispin_env.physics import spectral_efficiency
+from multispin_env.protocols import resolve_levers
 from multispin_env.types import Decision
 
 # why a request is over for good (a rejoin is refused), with the text the refusal gives
@@ -948,56 +949,41 @@ class EdgeServer:
             decision = Decision(*self.scheduler.act(view))
         return decision
 
-    def _check_decision(self, decision: Decision, k: int) -> None:
-        """The scheduler's levers, checked as the simulator checks them (a bad one is the
-        scheduler's bug: say which and stop, rather than starve a user or go back in time)."""
-        where = f"scheduler {getattr(self.scheduler, 'name', type(self.scheduler).__name__)}"
-        groups = self.cfg.pipeline_groups
-        if decision.group is not None and groups > 1:
-            group = np.asarray(decision.group[0])
-            if group.shape != (k,) or np.any((group < 0) | (group >= groups)):
-                raise ValueError(f"{where}: group={group.tolist()} must give each of the {k} "
-                                 f"users a group in 0..{groups - 1}")  # fmt: skip
-        if decision.deadline_s is not None and self.cfg.streaming_deadline:
-            deadline = float(np.asarray(decision.deadline_s).ravel()[0])
-            if not (np.isfinite(deadline) and deadline > 0):
-                raise ValueError(f"{where}: deadline_s={deadline!r} must be finite and > 0")
-        if decision.stop_threshold is not None and self.cfg.early_stop:
-            stop = np.asarray(decision.stop_threshold[0], dtype=float)
-            if np.any(~np.isfinite(stop) | (stop < 0) | (stop >= 1)):
-                raise ValueError(f"{where}: stop_threshold={stop.tolist()} must be in [0, 1)")
+    def _levers(self, decision: Decision, k: int) -> tuple[np.ndarray, float | None, np.ndarray]:
+        """This round's (threshold per user, deadline or None, group per user), checked as the
+        simulator checks them (:func:`~multispin_env.protocols.resolve_levers`), with its
+        defaults: never stop early, no deadline, user k in group k mod G. Levers of protocols
+        this server does not run are ignored. A bad one is the scheduler's bug: say which and
+        stop, rather than starve a user or go back in time."""
+        cfg = self.cfg
+        try:
+            stop, deadline, group = resolve_levers(
+                (1, k),
+                cfg.pipeline_groups,
+                decision.stop_threshold if cfg.early_stop else None,
+                decision.deadline_s if cfg.streaming_deadline else None,
+                decision.group if cfg.pipeline_groups > 1 else None,
+            )
+        except ValueError as e:
+            name = getattr(self.scheduler, "name", type(self.scheduler).__name__)
+            raise ValueError(f"scheduler {name}: {e}") from None
+        # no deadline (inf) waits for every draft, up to the longest time a device may report
+        if not cfg.streaming_deadline:
+            return stop[0], None, group[0]
+        return stop[0], min(float(deadline[0]), MAX_REPORTED_TIME_S), group[0]
 
     def _assign(self, users: list[_User], r_true: np.ndarray, r_est: np.ndarray) -> list:
-        """Each user's part of the round: the decision, drafts capped to the context, and the
-        defaults for levers the scheduler left out (never stop early, no deadline, user k in
-        group k mod G)."""
+        """Each user's part of the round: the decision with its levers, drafts capped to the
+        context."""
         decision = self._decide(users, r_est)
-        k = len(users)
-        self._check_decision(decision, k)
+        stop, deadline, group = self._levers(decision, len(users))
         # near the context limit a draft is shortened to what still fits
         lengths = [
             max(1, min(int(length), self.context_room(u)))
             for u, length in zip(users, decision.draft_lengths[0], strict=True)
         ]
-        stop = np.zeros(k) if decision.stop_threshold is None else decision.stop_threshold[0]
-        if not self.cfg.early_stop:
-            stop = np.zeros(k)
-        deadline = None
-        if self.cfg.streaming_deadline:
-            deadline = np.inf if decision.deadline_s is None else float(decision.deadline_s[0])
-            deadline = min(deadline, MAX_REPORTED_TIME_S)
-        groups = self.cfg.pipeline_groups
-        group = np.arange(k) % groups if decision.group is None else decision.group[0]
         return [
-            Assignment(
-                u,
-                length,
-                float(bw),
-                float(r),
-                float(threshold),
-                deadline,
-                int(g),
-            )
+            Assignment(u, length, float(bw), float(r), float(threshold), deadline, int(g))
             for u, length, bw, r, threshold, g in zip(
                 users, lengths, decision.bandwidth_hz[0], r_true, stop, group, strict=True
             )
