@@ -315,14 +315,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if a.hf_verifier:
-        from types import SimpleNamespace
+        from multispin_env.live.hf import HFPair
 
-        from multispin_env.live.hf import load_hf_pair
-
-        drafter, verifier, tokenizer = load_hf_pair(a.hf_drafter, a.hf_verifier)
-        pair = SimpleNamespace(
-            drafter=drafter, verifier=verifier, encode=lambda t: tokenizer(t)["input_ids"]
-        )
+        pair = HFPair(a.hf_drafter, a.hf_verifier)
         pair_info = {"hf_drafter": a.hf_drafter, "hf_verifier": a.hf_verifier}
     else:
         pair = load_pair(a.model)

@@ -87,3 +87,8 @@ def test_load_hf_pair_from_local_folders(tmp_path):
         )
     with pytest.raises(ValueError, match="no config.json"):
         load_hf_pair(tmp_path / "d", tmp_path / "missing")
+    from multispin_env.live.hf import HFPair
+
+    pair = HFPair(tmp_path / "d", tmp_path / "v")  # what live and record-traces load
+    assert pair.encode("t3 t7") == [3, 7] and pair.decode([3, 7]) == "t3 t7"
+    assert pair.verifier.forward_cached(x, [None])[0][0].shape == logits[0].shape

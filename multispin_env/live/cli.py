@@ -159,14 +159,9 @@ async def run_live(args) -> dict:
     check_args(args)
     torch.set_num_threads(1)
     if args.hf_verifier:  # any pair of local Hugging Face causal LMs sharing a tokenizer
-        from types import SimpleNamespace
+        from multispin_env.live.hf import HFPair
 
-        from multispin_env.live.hf import load_hf_pair
-
-        _, verifier, tok = load_hf_pair(args.hf_drafter, args.hf_verifier, device=args.device)
-        pair = SimpleNamespace(
-            verifier=verifier, encode=lambda t: tok(t)["input_ids"], decode=tok.decode
-        )
+        pair = HFPair(args.hf_drafter, args.hf_verifier, device=args.device)
     elif args.pair == "smollm2":  # SmolLM2-135M-Instruct and its distilled drafter
         from multispin_env.live.smollm2 import SmolPair
 

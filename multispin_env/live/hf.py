@@ -122,3 +122,20 @@ def load_hf_pair(drafter_dir, verifier_dir, device: str = "cpu", dtype=torch.flo
             "speculative decoding needs identical vocabularies"
         )
     return drafter, verifier, tok_v
+
+
+class HFPair:
+    """Two local Hugging Face causal LMs sharing a tokenizer, with the pair interface the live
+    tools use (``drafter``, ``verifier``, ``tokenizer``, ``encode``, ``decode``)."""
+
+    def __init__(self, drafter_dir, verifier_dir, device: str = "cpu") -> None:
+        self.drafter_dir, self.verifier_dir = str(drafter_dir), str(verifier_dir)
+        self.drafter, self.verifier, self.tokenizer = load_hf_pair(
+            drafter_dir, verifier_dir, device=device
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
