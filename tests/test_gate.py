@@ -68,6 +68,7 @@ def residual_run(tmp_path_factory):
          str(run)]
     )  # fmt: skip
     ctrl = LearnedController(run, "best_model.zip")
+    ctrl.model.save(run / "unchanged.zip")  # zero learning rate: exactly its base
     head = ctrl.model.policy.mlp_extractor.actor_head[-1]
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -100,6 +101,20 @@ def test_gate_falls_back_to_the_base_and_records_the_test(residual_run):
     seeds = list(range(20, 24))
     deployed = LearnedController(residual_run, DEPLOYED_MODEL)
     np.testing.assert_array_equal(run_episodes(deployed, ENV, seeds).goodput, _base_goodput(seeds))
+
+
+def test_gate_plays_the_base_with_the_runs_own_env_kwargs(residual_run):
+    """The run set num_users (a scenario override) and horizon_s (an env option): the base
+    must play the same episodes, so an unchanged policy scores exactly 1 on every episode."""
+    record = gate_run(residual_run, episodes=5, model_file="unchanged.zip")
+    assert record["mean"] == 1.0 and record["ci95"] == [1.0, 1.0]
+    assert record["deployed"] == "base"  # no gain shown: nothing to deploy
+
+
+@pytest.mark.parametrize("min_gain", [-0.5, float("nan"), float("inf")])
+def test_gate_refuses_a_min_gain_that_would_deploy_anything_or_nothing(residual_run, min_gain):
+    with pytest.raises(ValueError, match="min-gain"):
+        gate_run(residual_run, episodes=3, min_gain=min_gain)
 
 
 def test_gate_deploys_a_candidate_that_beats_its_base(residual_run):

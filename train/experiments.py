@@ -323,8 +323,8 @@ def gate_seeds(env_id, base_policy, runs: dict, episodes: int, progress: bool) -
     from multispin_train.gate import GATE_SEED_START, base_goodput, base_of, describe, gate_run
 
     gate_seed_list = list(range(GATE_SEED_START, GATE_SEED_START + episodes))
-    scenario = base_of(next(iter(runs.values())))[2]  # every run: the experiment's scenario
-    base = base_goodput(env_id, base_policy, gate_seed_list, scenario)
+    plain = base_of(next(iter(runs.values())))[2]  # every run: the experiment's env kwargs
+    base = base_goodput(env_id, base_policy, gate_seed_list, plain)
     gates = {}
     for s in tqdm(runs, desc=f"gate on {episodes} fresh episodes", disable=not progress):
         gates[s] = gate_run(runs[s], episodes, base_scores=base)

@@ -35,10 +35,8 @@ DEPLOYED_MODEL = "deployed_model.zip"
 GATE_FILE = "gate.json"
 
 
-def zero_residual(model) -> None:
-    """Zero the layer that emits the mean action, in place: the deterministic action becomes
-    exactly 0, which for ``residual`` actions is the base heuristic's own decision."""
-    import torch
+def _output_layers(model) -> list:
+    """The layers that emit the mean action of an actor-critic policy."""
     from torch import nn
 
     policy = model.policy
@@ -49,14 +47,22 @@ def zero_residual(model) -> None:
             "actor-critic policy (ppo or a2c)"
         )
     if isinstance(action_net, nn.Linear):
-        layers = [action_net]
-    else:  # the per-user policy: its heads emit the action parameters (action_net = Identity)
-        extractor = policy.mlp_extractor
-        layers = [extractor.actor_head[-1]]
-        if getattr(extractor, "global_head", None) is not None:
-            layers.append(extractor.global_head[-1])
+        return [action_net]
+    # the per-user policy: its heads emit the action parameters (action_net = Identity)
+    extractor = policy.mlp_extractor
+    layers = [extractor.actor_head[-1]]
+    if getattr(extractor, "global_head", None) is not None:
+        layers.append(extractor.global_head[-1])
+    return layers
+
+
+def zero_residual(model) -> None:
+    """Zero the layer that emits the mean action, in place: the deterministic action becomes
+    exactly 0, which for ``residual`` actions is the base heuristic's own decision."""
+    import torch
+
     with torch.no_grad():
-        for layer in layers:
+        for layer in _output_layers(model):
             layer.weight.zero_()
             layer.bias.zero_()
 
@@ -81,30 +87,42 @@ def gate_decision(candidate: np.ndarray, base: np.ndarray, min_gain: float = 0.0
 
 
 def base_of(run_dir: str | Path, model_file: str = "best_model.zip"):
-    """(candidate controller, base heuristic, the run's scenario overrides) of a residual run."""
-    from multispin_env.episodes import split_kwargs
+    """(candidate controller, base heuristic, the run's env kwargs without its action mode
+    and base) of a residual run whose policy the gate can fall back from."""
     from multispin_eval.harness import LearnedController
 
-    candidate = LearnedController(run_dir, model_file)
+    config = Path(run_dir) / "config.json"
+    try:
+        candidate = LearnedController(run_dir, model_file)
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config} is not a readable training config ({e!r})") from None
     base_policy = candidate.env_kwargs.get("base_policy")
     if candidate.env_kwargs.get("action_mode") != "residual" or not base_policy:
         raise ValueError(
             f"{run_dir} was not trained with action_mode=residual and a base_policy: the gate "
             "tests corrections to a base heuristic, and falls back to that base"
         )
-    return candidate, base_policy, split_kwargs(candidate.env_kwargs)[1]
+    _output_layers(candidate.model)  # refuse a policy the gate could not fall back from now
+    # everything else the run set (scenario overrides, horizon, history decay) applies to
+    # the base too: both must play the same episodes
+    plain = {
+        key: value
+        for key, value in candidate.env_kwargs.items()
+        if key not in ("action_mode", "base_policy")
+    }
+    return candidate, base_policy, plain
 
 
 def base_goodput(
-    env_id: str, base_policy: str, seeds: list[int], scenario: dict | None = None
+    env_id: str, base_policy: str, seeds: list[int], env_kwargs: dict | None = None
 ) -> np.ndarray:
-    """Per-episode goodput of a base heuristic in the plain env, under the run's scenario
-    overrides (shared by every seed's gate)."""
+    """Per-episode goodput of a base heuristic in the plain env, with the run's other env
+    kwargs (shared by every seed's gate)."""
     from multispin_eval.compare import make_controller
     from multispin_eval.harness import run_episodes
 
     ctrl = make_controller(base_policy, env_id)
-    return run_episodes(ctrl, env_id, seeds, env_kwargs=scenario).goodput
+    return run_episodes(ctrl, env_id, seeds, env_kwargs=env_kwargs).goodput
 
 
 def gate_run(
@@ -119,13 +137,15 @@ def gate_run(
     from multispin_eval.harness import run_episodes
 
     run_dir = Path(run_dir)
-    candidate, base_policy, scenario = base_of(run_dir, model_file)
     if episodes < 2:
         raise ValueError(f"--episodes must be >= 2 (got {episodes})")
+    if not (np.isfinite(min_gain) and min_gain >= 0):
+        raise ValueError(f"--min-gain must be a finite number >= 0 (got {min_gain})")
+    candidate, base_policy, plain = base_of(run_dir, model_file)
     seeds = list(range(GATE_SEED_START, GATE_SEED_START + episodes))
     env_id = candidate.env_id
     if base_scores is None:
-        base_scores = base_goodput(env_id, base_policy, seeds, scenario)
+        base_scores = base_goodput(env_id, base_policy, seeds, plain)
     scores = run_episodes(candidate, env_id, seeds).goodput
     record = gate_decision(scores, base_scores, min_gain)
     record |= {
@@ -166,7 +186,7 @@ def main(argv=None) -> list[dict]:
         try:
             record = gate_run(run, a.episodes, a.model, a.min_gain)
         except ValueError as e:
-            p.exit(2, f"multispin gate: {run}: {e}\n")
+            p.exit(2, f"multispin gate: {e}\n")
         print(f"{run}: {describe(record)}")
         records.append(record)
     return records
