@@ -19,10 +19,10 @@ fast            Hete on a coarser grid without polish (see ``SolverPolicy.fast``
                 heuristic that runs inside the env at every step.
 oracle          (spec token ``oracle``) the simulator's hidden truth replaces the estimates:
                 every user's true acceptance rate for both sources (so the source token has
-                no effect) and the true channel for the estimate. Not deployable (live mode has no truth to give); it measures
-                how much the family could gain from knowing what the server cannot, an upper
-                reference for what a learned policy could add by inferring it
-                (``multispin tune --oracle``).
+                no effect) and the true channel for the estimate. Not deployable (live mode
+                has no truth to give); it measures how much the family could gain from
+                knowing what the server cannot, an upper reference for what a learned policy
+                could add by inferring it (``multispin tune --oracle``).
 
 Knobs of the extended protocols (multispin_env.protocols; ignored in the synchronous round):
 

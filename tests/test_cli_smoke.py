@@ -72,7 +72,15 @@ def test_end_to_end_smoke(tmp_path, capsys):
     assert timing["overrides"]["verification"]["t_fix_s"] == pytest.approx(idle["t_fix_s"] * scale)
     assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
-    assert "sim vs live" in capsys.readouterr().out
+    # the bundle is what the gate deployed (64 fresh simulated episodes by default)
+    assert summary["gate"]["episodes"] == 64 and summary["gate"]["deployed"] in (
+        "base",
+        "candidate",
+    )
+    sidecar = json.loads((tmp_path / "run" / "bundle" / "policy.json").read_text())
+    assert sidecar["source_model"].endswith("deployed_model.zip")
+    out = capsys.readouterr().out
+    assert "sim vs live" in out and "gate: candidate / base" in out
 
 
 def test_end_to_end_protocol_with_profile_timing_smoke(tmp_path, capsys):

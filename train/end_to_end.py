@@ -9,7 +9,9 @@
    synchronous round and, with ``--protocol``, in that protocol too (its knobs: stop
    threshold, deadline, cap scale);
 2. trains PPO (per-user policy, ``residual`` actions over the protocol's tuned heuristic);
-3. exports the best model as an ONNX bundle;
+3. gates the selected model (``multispin_train.gate``, ``--gate-episodes`` fresh simulated
+   episodes): it is deployed only if it beats its base heuristic there, else the base
+   itself; exports the deployed model as an ONNX bundle;
 4. runs the live system (edge server + device processes, real models, sampling) with the
    learned bundle and the protocol's tuned heuristic under the protocol, and the
    synchronous tuned heuristic and Hete-Multi-SPIN (and, in the synchronous round, Fixed
@@ -241,6 +243,13 @@ def main(argv=None) -> dict:
         help="live models: the built-in code pair, or SmolLM2-135M-Instruct with its distilled "
         "drafter (extra [smollm2]; scenario smollm2-cpu)",
     )
+    p.add_argument(
+        "--gate-episodes",
+        type=int,
+        default=64,
+        help="fresh simulated episodes on which the learned policy must beat its base "
+        "heuristic to be deployed (else the base is; 0: deploy the selected policy as is)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default="runs/end_to_end")
     p.add_argument("--out", default="results/end_to_end")
@@ -253,6 +262,8 @@ def main(argv=None) -> dict:
     for flag in ("users", "rounds", "runs", "timesteps", "tune_trials"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if a.gate_episodes < 0 or a.gate_episodes == 1:
+        p.error("--gate-episodes must be 0 (no gate) or >= 2")
     if not 2 <= a.groups <= 8:
         p.error("--groups must be in 2..8")
     if not (np.isfinite(a.csi_error_std) and 0 <= a.csi_error_std <= 10):
@@ -307,6 +318,13 @@ def main(argv=None) -> dict:
     )
     best = Path(a.run_dir) / "best_model.zip"
     model_file = best.name if best.is_file() else "model.zip"
+    gate = None
+    if a.gate_episodes:  # deploy a correction only where it beats its base on fresh episodes
+        from multispin_train.gate import DEPLOYED_MODEL, describe, gate_run
+
+        gate = gate_run(a.run_dir, a.gate_episodes, model_file)
+        print(f"gate: {describe(gate)}")
+        model_file = DEPLOYED_MODEL
     bundle = export_run(a.run_dir, Path(a.run_dir) / "bundle", model_file)
     # (label, live scheduler, simulator controller, protocol)
     policies = [
@@ -414,6 +432,7 @@ def main(argv=None) -> dict:
         },
         "max_abs_sim_gap": max(abs(r["sim_gap"]) for r in rows),
         "bundle": str(bundle),
+        "gate": gate,
     }
     (out / "table.md").write_text("\n".join(table) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_plain))
