@@ -10,6 +10,15 @@ prompts, other seed). Compares per position P(token i accepted | drafted) and to
 round with the held-out live traces, for the position-dependent model and for the i.i.d.
 law at the same alpha_1. Targets (the fidelity issue): every position within 0.05, tokens
 per round within 5%. Writes ``fidelity.{md,json}`` beside the held-out traces.
+
+    python -m multispin_eval.acceptance_fidelity --pool results/traces/builtin_pair* \
+        --splits 20
+
+The same check on random halves of a pool of trace sets: every split puts each request
+(prompt) on one side, fits on one half and checks on the other. The held-out set above comes
+from later windows of the same files, a shift in the prompt population; random halves
+measure how well the model carries over to other prompts of the same population, and how
+much of the gap is the prompts drawn. Writes ``fidelity_splits.{md,json}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -89,13 +98,89 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_tokens(folders: list[str]) -> dict[str, np.ndarray]:
+    """The token columns of several trace sets, with request ids made distinct per set."""
+    parts = []
+    for i, folder in enumerate(folders):
+        tokens = dict(np.load(Path(folder) / "tokens.npz"))
+        tokens["request"] = tokens["request"].astype(np.int64) + 100_000 * i
+        parts.append(tokens)
+    return {key: np.concatenate([t[key] for t in parts]) for key in parts[0]}
+
+
+def split_check(tokens: dict, splits: int, seed: int = 0) -> dict:
+    """Fit on a random half of the requests, check on the other half, ``splits`` times. Per
+    decoding mode: how many splits meet both targets, and the largest position gap and
+    tokens-per-round gap over the draft lengths (median and 90th percentile over splits)."""
+    from multispin_eval.record_traces import fit_position_model
+
+    requests = np.unique(tokens["request"])
+    per_mode: dict[str, list] = {}
+    for s in range(splits):
+        rng = np.random.default_rng([seed, s])
+        half = np.isin(tokens["request"], rng.permutation(requests)[: len(requests) // 2])
+        fit = fit_position_model({k: v[half] for k, v in tokens.items()})
+        rows = compare(fit, {k: v[~half] for k, v in tokens.items()})
+        for mode in fit:
+            mine = [r for r in rows if r["mode"] == mode]
+            per_mode.setdefault(mode, []).append(
+                (max(r["position_max_position_gap"] for r in mine),
+                 max(abs(r["position_tokens_gap"]) for r in mine))
+            )  # fmt: skip
+    out = {"requests": int(len(requests)), "splits": splits, "modes": {}}
+    for mode, gaps in per_mode.items():
+        gaps = np.array(gaps)
+        met = (gaps[:, 0] <= 0.05) & (gaps[:, 1] <= 0.05)
+        out["modes"][mode] = {
+            "splits_meeting_both_targets": int(met.sum()),
+            "max_position_gap": {"median": float(np.median(gaps[:, 0])),
+                                 "p90": float(np.percentile(gaps[:, 0], 90))},
+            "max_tokens_gap": {"median": float(np.median(gaps[:, 1])),
+                               "p90": float(np.percentile(gaps[:, 1], 90))},
+        }  # fmt: skip
+    return out
+
+
+def split_markdown(result: dict) -> str:
+    lines = [
+        f"{result['requests']} requests, {result['splits']} random halves (fit on one, check "
+        "on the other)\n",
+        "| mode | splits meeting both targets | largest position gap: median | p90 | "
+        "largest tokens/round gap: median | p90 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, r in result["modes"].items():
+        lines.append(
+            f"| {mode} | {r['splits_meeting_both_targets']} / {result['splits']} | "
+            f"{r['max_position_gap']['median']:.3f} | {r['max_position_gap']['p90']:.3f} | "
+            f"{100 * r['max_tokens_gap']['median']:.1f}% | "
+            f"{100 * r['max_tokens_gap']['p90']:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fit", default="results/traces/builtin_pair", help="traces to fit on")
     p.add_argument(
         "--heldout", default="results/traces/builtin_pair_heldout", help="traces to check on"
     )
+    p.add_argument("--pool", nargs="+", help="trace sets to split at random instead")
+    p.add_argument("--splits", type=int, default=20, help="random halves (with --pool)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the halves (with --pool)")
+    p.add_argument("--out", default="results/traces", help="where --pool writes its report")
     a = p.parse_args(argv)
+    if a.pool:
+        missing = [f for f in a.pool if not (Path(f) / "tokens.npz").is_file()]
+        if missing or a.splits < 1:
+            p.error(f"--pool needs trace sets ({missing} have no tokens.npz) and --splits >= 1")
+        result = split_check(pooled_tokens(a.pool), a.splits, a.seed) | {"pool": a.pool}
+        table = split_markdown(result)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "fidelity_splits.md").write_text(table)
+        (Path(a.out) / "fidelity_splits.json").write_text(json.dumps(result, indent=2))
+        print(table)
+        return [result]
     for folder in (a.fit, a.heldout):
         if not (Path(folder) / "manifest.json").is_file():
             p.error(f"{folder}: no trace set (run `multispin record-traces --out {folder}`)")

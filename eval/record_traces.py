@@ -297,6 +297,13 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/traces/builtin_pair", help="output folder")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["greedy", "sampling"],
+        default=["greedy", "sampling"],
+        help="decoding modes to record (default both)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.skip < 0:
@@ -338,9 +345,10 @@ def main(argv=None) -> dict:
     if not prompts:
         p.error(f"--skip {a.skip} leaves no category with 3 prompts; skip fewer")
     requests = sum(len(v) for v in prompts.values())
-    bar = tqdm(total=2 * len(a.lengths) * a.rounds, desc="rounds", disable=a.quiet)
+    modes = [m == "greedy" for m in ("greedy", "sampling") if m in a.modes]
+    bar = tqdm(total=len(modes) * len(a.lengths) * a.rounds, desc="rounds", disable=a.quiet)
     parts_tok, parts_rnd = [], []
-    for greedy in (True, False):
+    for greedy in modes:
         tok, rnd = record(
             pair, prompts, a.lengths, a.rounds, greedy, a.temperature, a.kept_vocab, a.seed, bar
         )

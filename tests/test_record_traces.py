@@ -107,3 +107,56 @@ def test_position_model_fit_and_the_simulator_reproduce_the_traces(traces, monke
             [np.mean(m >= i) for i in range(1, r["L"] + 1)]
         )
     assert manifest["position_model"].keys() == fit.keys()
+
+
+def test_one_mode_records_only_that_mode_and_matches_the_both_modes_run(traces, tmp_path):
+    """--modes greedy: the greedy half of a both-modes run with the same seed, token for
+    token (greedy drafts do not depend on the sampling half)."""
+    _, _, both, _ = traces
+    main(
+        ["--per-category", "3", "--rounds", "3", "--lengths", "1", "3", "--modes", "greedy",
+         "--out", str(tmp_path), "--quiet"]
+    )  # fmt: skip
+    greedy = dict(np.load(tmp_path / "tokens.npz"))
+    assert set(np.unique(greedy["mode"])) == {0}
+    sel = both["mode"] == 0
+    for column in ("request", "round", "position", "token", "accepted"):
+        np.testing.assert_array_equal(greedy[column], both[column][sel])
+
+
+def _iid_tokens(alpha: float, requests: int, rounds: int, lengths, seed: int) -> dict:
+    """Trace columns of a pair whose every drafted token passes with probability alpha,
+    independently: the i.i.d. law holds exactly."""
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("mode", "draft_length", "request", "position", "accepted")}
+    for r in range(requests):
+        for length in lengths:
+            for _ in range(rounds):
+                passed = np.cumprod(rng.random(length) < alpha).astype(bool)
+                cols["mode"] += [1] * length
+                cols["draft_length"] += [length] * length
+                cols["request"] += [r] * length
+                cols["position"] += list(range(1, length + 1))
+                cols["accepted"] += passed.tolist()
+    return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def test_split_check_passes_an_iid_pair_and_fails_a_shifted_pool(tmp_path):
+    """Random halves of i.i.d. traces meet both targets in every split; pooling two sets
+    whose requests differ (alpha 0.45 vs 0.75) makes the halves' mixtures differ, which the
+    check must see as larger gaps than within one set."""
+    from multispin_eval.acceptance_fidelity import pooled_tokens, split_check
+
+    # 160 requests x 40 rounds: 3,200 rounds per half and length, P(i) to about +-0.009
+    same = split_check(_iid_tokens(0.6, 160, 40, (1, 2, 4), seed=0), splits=3)
+    assert same["requests"] == 160 and same["splits"] == 3
+    assert same["modes"]["sampling"]["splits_meeting_both_targets"] == 3
+    for i, alpha in enumerate((0.45, 0.75)):
+        folder = tmp_path / f"s{i}"
+        folder.mkdir()
+        np.savez(folder / "tokens.npz", **_iid_tokens(alpha, 4, 20, (1, 2, 4), seed=i + 1))
+    pooled = pooled_tokens([str(tmp_path / "s0"), str(tmp_path / "s1")])
+    assert len(np.unique(pooled["request"])) == 8  # request ids kept apart per set
+    mixed = split_check(pooled, splits=6)
+    gap = mixed["modes"]["sampling"]["max_position_gap"]["median"]
+    assert gap > same["modes"]["sampling"]["max_position_gap"]["median"]
