@@ -152,6 +152,25 @@ def test_live_greedy_output_equals_smollm2_greedy_decoding(smol, tmp_path):
             )[0, len(prompt) :].tolist()
         assert out[: len(ref)] == ref, uid
         assert len(ref) == len(out) or ref[-1] == smol.end_id
+    # the pair interface live mode prints with: the question, then the whole answer
+    shown = smol.show_answer(prompt, out)
+    from multispin_env.live import chat_prompts
+
+    rows = chat_prompts.load("test")
+    question = next(r["prompt"] for r in rows if smol.chat(r["prompt"]) == prompt)
+    assert shown == f"was asked: {question!r}\nand answered: {smol.decode(out)!r}"
+
+
+def test_code_pairs_share_the_live_pair_interface():
+    """The built-in pair (and HFPair, the same methods) gives live mode its prompts, no end
+    token and a short sample of the output."""
+    from multispin_env.live.cli import default_prompts
+
+    pair = load_pair()
+    prompts = pair.prompts(3)
+    assert len(prompts) == 3 and all(len(p) == 48 for p in prompts)
+    assert prompts == default_prompts(pair, 3) and pair.end_id is None
+    assert pair.show_answer(prompts[0], prompts[1]) == f"output: {pair.decode(prompts[1][:40])!r}"
 
 
 @needs_extra

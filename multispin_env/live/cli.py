@@ -39,17 +39,9 @@ from multispin_env.live.timing import parse_timing
 
 def default_prompts(pair, count: int, tokens: int = 48) -> list[list[int]]:
     """Openings of held-out stdlib files (every 20th file is the pair's validation split)."""
-    from multispin_env.live.train_pair import stdlib_files
+    from multispin_env.live.models import stdlib_openings
 
-    files = stdlib_files()[::20]
-    prompts = []
-    for f in files:
-        ids = pair.encode(f.read_text(encoding="utf-8", errors="replace"))[:tokens]
-        if len(ids) == tokens:
-            prompts.append(ids)
-        if len(prompts) == count:
-            break
-    return prompts
+    return stdlib_openings(pair.encode, count, tokens)
 
 
 def spawn_device(
@@ -169,9 +161,7 @@ async def run_live(args) -> dict:
         args.model = str(pair.drafter_folder)  # what the device processes load
     else:
         pair = load_pair(args.model, device=args.device)
-    prompts = (
-        pair.prompts(args.users) if args.pair == "smollm2" else default_prompts(pair, args.users)
-    )
+    prompts = pair.prompts(args.users)
     if len(prompts) < args.users:
         raise ValueError(
             f"--users {args.users}: the prompt set has only {len(prompts)} prompts; "
@@ -212,8 +202,7 @@ async def run_live(args) -> dict:
         **resolve_protocol(args, scheduler),
         timing=args.timing,
         csi_error_std=args.csi_error_std,
-        # a chat answer ends at the end of the assistant's turn
-        end_token=pair.end_id if args.pair == "smollm2" else None,
+        end_token=pair.end_id,  # a chat answer ends at the end of the assistant's turn
     )
     time_scale = args.time_scale
     if time_scale is None:
@@ -307,13 +296,8 @@ async def run_live(args) -> dict:
     )
     if server.verifier.outputs:
         sample = next(iter(server.verifier.outputs))
-        if args.pair == "smollm2":  # a chat answer: show the question and the whole answer
-            question = pair.tokenizer.decode(prompt_of[sample]).split("<|im_start|>user\n")[-1]
-            print(f"\n{sample} was asked: {question.split('<|im_end|>')[0]!r}")
-            print(f"and answered: {pair.decode(server.verifier.outputs[sample])!r}")
-        else:
-            text = pair.decode(server.verifier.outputs[sample][:40])
-            print(f"sample output of {sample}: {text!r}")
+        answer = pair.show_answer(prompt_of.get(sample, []), server.verifier.outputs[sample])
+        print(f"\n{sample} {answer}")
     failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (0, None)]
     for i, code in failed:
         print(f"device dev-{i} exited with status {code}; log: {logs[i]}", file=sys.stderr)

@@ -137,5 +137,15 @@ class HFPair:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
+    end_id = None  # a code pair: requests run until the context is full
+
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
+
+    def prompts(self, count: int, tokens: int = 48) -> list[list[int]]:
+        from multispin_env.live.models import stdlib_openings
+
+        return stdlib_openings(self.encode, count, tokens)
+
+    def show_answer(self, prompt: list[int], output: list[int]) -> str:
+        return f"output: {self.decode(output[:40])!r}"

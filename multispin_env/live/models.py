@@ -33,11 +33,36 @@ class Pair:
     folder: Path
     manifest: dict
 
+    # what live mode asks of every pair (here, HFPair, SmolPair): prompts, the token that
+    # ends a request (None: requests run until the context is full) and how to show an answer
+    end_id = None
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def prompts(self, count: int, tokens: int = 48) -> list[list[int]]:
+        return stdlib_openings(self.encode, count, tokens)
+
+    def show_answer(self, prompt: list[int], output: list[int]) -> str:
+        return f"output: {self.decode(output[:40])!r}"
+
+
+def stdlib_openings(encode, count: int, tokens: int = 48) -> list[list[int]]:
+    """Openings of held-out stdlib files (every 20th file is the built-in pair's validation
+    split): the prompts of the code pairs."""
+    from multispin_env.live.train_pair import stdlib_files
+
+    prompts = []
+    for f in stdlib_files()[::20]:
+        ids = encode(f.read_text(encoding="utf-8", errors="replace"))[:tokens]
+        if len(ids) == tokens:
+            prompts.append(ids)
+        if len(prompts) == count:
+            break
+    return prompts
 
 
 def file_sha256(path: Path) -> str:

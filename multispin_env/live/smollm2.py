@@ -216,6 +216,12 @@ class SmolPair:
         by_cat = self.category_prompts(count, split).values()
         return [p for group in zip(*by_cat, strict=False) for p in group][:count]
 
+    def show_answer(self, prompt: list[int], output: list[int]) -> str:
+        """The question of a chat prompt and the whole answer."""
+        question = self.tokenizer.decode(prompt).split("<|im_start|>user\n")[-1]
+        question = question.split("<|im_end|>")[0]
+        return f"was asked: {question!r}\nand answered: {self.decode(output)!r}"
+
     def category_prompts(self, per_category: int, split: str = "test") -> dict:
         """``{category: [templated prompt ids]}`` of ``split``."""
         from multispin_env.live import chat_prompts
