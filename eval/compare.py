@@ -255,9 +255,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     a = p.parse_args(argv)
     seeds = list(range(a.seed_start, a.seed_start + a.seeds))
-    rows = compare(
-        a.env, a.policies, seeds, parse_cli_kwargs(a.env_kwargs), a.horizon_s, a.progress
-    )
+    try:
+        rows = compare(
+            a.env, a.policies, seeds, parse_cli_kwargs(a.env_kwargs), a.horizon_s, a.progress
+        )
+    except ValueError as e:
+        p.exit(2, f"multispin evaluate: error: {e}\n")
     title = f"{a.env}: {a.seeds} held-out episodes (seeds {seeds[0]}..{seeds[-1]})"
     write_outputs(rows, Path(a.out), title)
     print(title)

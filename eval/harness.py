@@ -78,18 +78,30 @@ class SolverController:
         return self.policy.act(view)
 
 
+def default_model_file(run_dir: str | Path) -> str:
+    """The model a run stands for: what the gate deployed (``deployed_model.zip``) where
+    ``python -m multispin_train.gate`` has run, else the final ``model.zip``."""
+    return "deployed_model.zip" if (Path(run_dir) / "deployed_model.zip").is_file() else "model.zip"
+
+
 class LearnedController:
     """A trained SB3 model (plus its VecNormalize statistics) from a run directory."""
 
-    def __init__(self, run_dir: str | Path, model_file: str = "model.zip") -> None:
+    def __init__(self, run_dir: str | Path, model_file: str | None = None) -> None:
         run_dir = Path(run_dir)
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise ValueError(f"{run_dir} is not a training run directory (no config.json)")
         self.config = json.loads(config_path.read_text())
+        model_file = model_file or default_model_file(run_dir)
         model_path = run_dir / model_file
         if not model_path.is_file():
-            raise ValueError(f"{model_path} does not exist (choose model.zip or best_model.zip)")
+            present = sorted(f.name for f in run_dir.glob("*.zip")) or "none"
+            raise ValueError(
+                f"{model_path} does not exist; the run has {present} (deployed_model.zip: "
+                "what the gate deployed; best_model.zip: the selected one; model.zip: the "
+                "final one)"
+            )
         from stable_baselines3 import A2C, PPO, SAC, TD3
 
         algo = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3}[self.config["algo"]]

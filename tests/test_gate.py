@@ -174,3 +174,24 @@ def test_experiment_gates_every_seed_and_exports_what_it_deployed(tmp_path):
         if r["deployed"] == "base":
             assert float(r["vs_tuned"]) == pytest.approx(1.0, abs=1e-9)
     assert "selected_vs_tuned_before_gate" in summary
+
+
+def test_export_and_evaluate_take_the_deployed_model_of_a_gated_run(residual_run, tmp_path, capsys):
+    """After the gate, a run stands for what it deployed: `multispin export RUN` and a run
+    folder in `multispin evaluate` use deployed_model.zip unless told otherwise; a wrong
+    model name lists what the run has, as one line."""
+    from multispin_eval.harness import default_model_file
+    from multispin_train.export import main as export_main
+
+    gate_run(residual_run, episodes=3)
+    assert default_model_file(residual_run) == DEPLOYED_MODEL
+    assert LearnedController(residual_run).model is not None
+    out = export_main([str(residual_run), "--out", str(tmp_path / "bundle")])
+    sidecar = json.loads((out / "policy.json").read_text())
+    assert sidecar["source_model"].endswith(DEPLOYED_MODEL)
+    with pytest.raises(ValueError, match="deployed_model.zip.*best_model.zip"):
+        LearnedController(residual_run, "deployed.zip")
+    with pytest.raises(SystemExit) as e:
+        export_main([str(residual_run), "--model", "deployed.zip", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("multispin export: error:") and "model.zip" in err

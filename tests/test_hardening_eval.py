@@ -2,6 +2,7 @@
 another action mode, a legend that covers no bar, and plots that leave the backend alone."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -56,7 +57,7 @@ def test_bad_seed_count_is_a_clear_argparse_error(tmp_path, capsys, count):
     assert "--seeds" in err and ("at least 1" in err or "not an integer" in err), err
 
 
-def test_learned_policy_in_another_action_mode_is_refused(tmp_path):
+def test_learned_policy_in_another_action_mode_is_refused(tmp_path, capsys):
     from multispin_train.train import main as train_main
 
     run = tmp_path / "run"
@@ -64,11 +65,14 @@ def test_learned_policy_in_another_action_mode_is_refused(tmp_path):
         TINY_TRAIN_ARGS
         + ["--run-dir", str(run), "--env-kwargs", "action_mode:lengths", "num_users:4"]
     )
-    with pytest.raises(ValueError, match=r"action_mode='lengths'.*action_mode='full'"):
+    with pytest.raises(SystemExit) as exit_info:  # one line naming the field, no traceback
         evaluate_main(
             ["--policies", str(run), "--seeds", "2", "--out", str(tmp_path / "cmp")]
             + ["--env-kwargs", "action_mode:full", "num_users:4", "--no-progress"]
         )
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("multispin evaluate: error:")
+    assert re.search(r"action_mode='lengths'.*action_mode='full'", err)
     # the same policy in its own mode runs
     rows = evaluate_main(
         ["--policies", str(run), "--seeds", "2", "--horizon-s", "2", "--no-progress"]

@@ -79,7 +79,7 @@ class DeterministicActor(nn.Module):
         return torch.stack([c.argmax(dim=1) for c in chunks], dim=1).float()
 
 
-def _load_run(run_dir: Path, model_file: str):
+def _load_run(run_dir: Path, model_file: str | None):
     from multispin_eval.harness import LearnedController
 
     controller = LearnedController(run_dir, model_file)
@@ -107,10 +107,13 @@ def _reference_observations(env_id: str, env_kwargs: dict, count: int, seed: int
 def export_run(
     run_dir: str | Path,
     out: str | Path | None = None,
-    model_file: str = "model.zip",
+    model_file: str | None = None,
     parity_samples: int = 256,
 ) -> Path:
+    from multispin_eval.harness import default_model_file
+
     run_dir = Path(run_dir)
+    model_file = model_file or default_model_file(run_dir)
     model, obs_norm, config = _load_run(run_dir, model_file)
     out = Path(out) if out else run_dir / "bundle"
     out.mkdir(parents=True, exist_ok=True)
@@ -216,17 +219,27 @@ def main(argv=None) -> Path:
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(prog="multispin export", description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
-    p.add_argument("--model", default="model.zip", help="model file in the run (or best_model.zip)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model file in the run (default: deployed_model.zip where the gate has run, "
+        "else model.zip, the final one; best_model.zip is the selected one)",
+    )
     p.add_argument("--out", default=None, help="bundle folder (default: RUN_DIR/bundle)")
     a = p.parse_args(argv)
+    from multispin_eval.harness import default_model_file
     from multispin_eval.machine_ref import measure
 
-    out = export_run(a.run_dir, a.out, a.model)
+    model = a.model or default_model_file(a.run_dir)
+    try:
+        out = export_run(a.run_dir, a.out, model)
+    except ValueError as e:
+        p.exit(2, f"multispin export: error: {e}\n")
     ref = measure()  # right after the latency measurement, on the same machine state
     meta = json.loads((out / "policy.json").read_text())
     lat = meta["decision_latency_us"]
     print(
-        f"exported {meta['algo']} policy for {meta['env_id']} ({meta['action_mode']}, "
+        f"exported {meta['algo']} policy {model} for {meta['env_id']} ({meta['action_mode']}, "
         f"K_max={meta['max_users']}) -> {out}"
     )
     print(
