@@ -282,7 +282,8 @@ def run_experiment(
         "train_timesteps": steps,
         "train_seeds": seeds,
         "train_time_s": {s: configs[s].get("train_time_s") for s in seeds},
-        "train_wall_s": round(train_wall, 1),
+        # None: --evaluate-only (the runs' own training times are in train_time_s)
+        "train_wall_s": None if evaluate_only else round(train_wall, 1),
         "target": f">= {spec['target']} x {reference} (IQM over seeds)",
         "learned_vs_target_reference": stats,
         "learned_vs_hete": vs_hete,
