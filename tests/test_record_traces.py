@@ -160,3 +160,22 @@ def test_split_check_passes_an_iid_pair_and_fails_a_shifted_pool(tmp_path):
     mixed = split_check(pooled, splits=6)
     gap = mixed["modes"]["sampling"]["max_position_gap"]["median"]
     assert gap > same["modes"]["sampling"]["max_position_gap"]["median"]
+
+
+def test_designated_check_reports_targets_per_decoding_mode(tmp_path, capsys):
+    from multispin_eval.acceptance_fidelity import main as fidelity_main
+    from multispin_eval.record_traces import fit_position_model
+
+    fit, heldout = tmp_path / "fit", tmp_path / "heldout"
+    fit.mkdir()
+    heldout.mkdir()
+    fit_tokens = _iid_tokens(0.6, 80, 40, (1, 2, 4), seed=10)
+    (fit / "manifest.json").write_text(
+        json.dumps({"position_model": fit_position_model(fit_tokens)})
+    )
+    (heldout / "manifest.json").write_text("{}")
+    np.savez(heldout / "tokens.npz", **_iid_tokens(0.6, 80, 40, (1, 2, 4), seed=11))
+    fidelity_main(["--fit", str(fit), "--heldout", str(heldout)])
+    met = json.loads((heldout / "fidelity.json").read_text())["targets_met"]
+    assert met == {"sampling": {"per_position_0.05": True, "tokens_per_round_5pct": True}}
+    assert "sampling: every position within 0.05: True" in capsys.readouterr().out
