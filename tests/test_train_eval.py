@@ -158,13 +158,14 @@ def test_train_checkpoint_resume_and_evaluate(tmp_path, capsys):
     assert "learned" in capsys.readouterr().out
 
 
-def test_evaluate_refuses_a_policy_trained_on_another_scenario(tmp_path):
+def test_evaluate_refuses_a_policy_trained_on_another_scenario(tmp_path, capsys):
     run = tmp_path / "run"
     from conftest import TINY_TRAIN_ARGS
 
     train_main(TINY_TRAIN_ARGS + ["--env-kwargs", "num_users:3", "--run-dir", str(run)])
-    with pytest.raises(ValueError, match="same deployment"):
+    with pytest.raises(SystemExit) as e:  # one line, no traceback
         evaluate_main(["--policies", str(run), "--seeds", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "same deployment" in capsys.readouterr().err
 
 
 def test_sweep_runs_trials_on_rdb_storage(tmp_path):
@@ -213,6 +214,7 @@ def test_seed_statistics_report_iqm_worst_seed_and_improvement():
     assert stats["probability_of_improvement"] == pytest.approx(0.6)
 
 
-def test_evaluate_rejects_unknown_policy(tmp_path):
-    with pytest.raises(ValueError, match="neither a scheme"):
+def test_evaluate_rejects_unknown_policy(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         evaluate_main(["--policies", "greedy", "--seeds", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "neither a scheme" in capsys.readouterr().err
