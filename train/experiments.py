@@ -223,7 +223,7 @@ def run_experiment(
     else:
         runs = train_seeds(spec, base_policy, seeds, steps, run_root_p, jobs)
     train_wall = time.perf_counter() - t0
-    gates = gate_seeds(env_id, base_policy, runs, gate_episodes, progress)
+    gates = gate_seeds(env_id, runs, gate_episodes, progress)
     held_out = list(range(EVAL_SEED_START, EVAL_SEED_START + eval_seeds))
     deployed = DEPLOYED_MODEL if gate_episodes else "best_model.zip"
     learned = [f"learned s{s}={runs[s] / deployed}" for s in seeds]
@@ -315,8 +315,9 @@ def run_experiment(
     return summary
 
 
-def gate_seeds(env_id, base_policy, runs: dict, episodes: int, progress: bool) -> dict:
-    """The safety test of every run against the shared base (``multispin_train.gate``)."""
+def gate_seeds(env_id, runs: dict, episodes: int, progress: bool) -> dict:
+    """The safety test of every run against the base they share (``multispin_train.gate``):
+    the base's goodput on the gate's episodes is played once, for every run."""
     if not episodes:
         return {}
     from tqdm import tqdm
@@ -324,7 +325,7 @@ def gate_seeds(env_id, base_policy, runs: dict, episodes: int, progress: bool) -
     from multispin_train.gate import GATE_SEED_START, base_goodput, base_of, describe, gate_run
 
     gate_seed_list = list(range(GATE_SEED_START, GATE_SEED_START + episodes))
-    plain = base_of(next(iter(runs.values())))[2]  # every run: the experiment's env kwargs
+    _, base_policy, plain = base_of(next(iter(runs.values())))  # one base for every run
     base = base_goodput(env_id, base_policy, gate_seed_list, plain)
     gates = {}
     for s in tqdm(runs, desc=f"gate on {episodes} fresh episodes", disable=not progress):

@@ -227,19 +227,18 @@ def main(argv=None) -> Path:
     )
     p.add_argument("--out", default=None, help="bundle folder (default: RUN_DIR/bundle)")
     a = p.parse_args(argv)
-    from multispin_eval.harness import default_model_file
     from multispin_eval.machine_ref import measure
 
-    model = a.model or default_model_file(a.run_dir)
     try:
-        out = export_run(a.run_dir, a.out, model)
+        out = export_run(a.run_dir, a.out, a.model)
     except ValueError as e:
         p.exit(2, f"multispin export: error: {e}\n")
     ref = measure()  # right after the latency measurement, on the same machine state
     meta = json.loads((out / "policy.json").read_text())
     lat = meta["decision_latency_us"]
     print(
-        f"exported {meta['algo']} policy {model} for {meta['env_id']} ({meta['action_mode']}, "
+        f"exported {meta['algo']} policy {Path(meta['source_model']).name} for "
+        f"{meta['env_id']} ({meta['action_mode']}, "
         f"K_max={meta['max_users']}) -> {out}"
     )
     print(

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from multispin_env.live.models import CodePair
+
 
 @dataclass(frozen=True)
 class _Cfg:
@@ -124,9 +126,10 @@ def load_hf_pair(drafter_dir, verifier_dir, device: str = "cpu", dtype=torch.flo
     return drafter, verifier, tok_v
 
 
-class HFPair:
+class HFPair(CodePair):
     """Two local Hugging Face causal LMs sharing a tokenizer, with the pair interface the live
-    tools use (``drafter``, ``verifier``, ``tokenizer``, ``encode``, ``decode``)."""
+    tools use (``drafter``, ``verifier``, ``tokenizer``, ``encode``, ``decode``, and
+    :class:`~multispin_env.live.models.CodePair`'s prompts and answers)."""
 
     def __init__(self, drafter_dir, verifier_dir, device: str = "cpu") -> None:
         self.drafter_dir, self.verifier_dir = str(drafter_dir), str(verifier_dir)
@@ -137,15 +140,5 @@ class HFPair:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
 
-    end_id = None  # a code pair: requests run until the context is full
-
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
-
-    def prompts(self, count: int, tokens: int = 48) -> list[list[int]]:
-        from multispin_env.live.models import stdlib_openings
-
-        return stdlib_openings(self.encode, count, tokens)
-
-    def show_answer(self, prompt: list[int], output: list[int]) -> str:
-        return f"output: {self.decode(output[:40])!r}"

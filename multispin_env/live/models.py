@@ -25,29 +25,33 @@ def default_pair_dir() -> Path:
     return Path(str(resources.files("multispin_env") / "live" / "models" / DEMO_PAIR))
 
 
-@dataclass
-class Pair:
-    drafter: GPT
-    verifier: GPT
-    tokenizer: object
-    folder: Path
-    manifest: dict
+class CodePair:
+    """What live mode asks of every pair (this, HFPair, SmolPair), for a pair that continues
+    code: prompts, the token that ends a request (None: requests run until the context is
+    full) and how to show an answer. Subclasses give ``encode`` and ``decode``."""
 
-    # what live mode asks of every pair (here, HFPair, SmolPair): prompts, the token that
-    # ends a request (None: requests run until the context is full) and how to show an answer
     end_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
     def prompts(self, count: int, tokens: int = 48) -> list[list[int]]:
         return stdlib_openings(self.encode, count, tokens)
 
     def show_answer(self, prompt: list[int], output: list[int]) -> str:
         return f"output: {self.decode(output[:40])!r}"
+
+
+@dataclass
+class Pair(CodePair):
+    drafter: GPT
+    verifier: GPT
+    tokenizer: object
+    folder: Path
+    manifest: dict
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
 
 
 def stdlib_openings(encode, count: int, tokens: int = 48) -> list[list[int]]:
