@@ -40,7 +40,7 @@ from multispin_eval.harness import (
     SolverController,
     run_episodes,
 )
-from multispin_eval.stats import ci95_halfwidth
+from multispin_eval.stats import ratio_of_means_ci95_halfwidth
 
 EVAL_SEED_START = 2_000_000  # disjoint from training (seed + 0..) and its eval (seed + 1e6)
 _SPEC = re.compile(r"^(fixed|uni_bw|homo|hete)(?:\[(prior|history|oracle)(,csi)?\])?$")
@@ -133,12 +133,15 @@ def compare_with_scores(
         rows.append({"policy": ctrl.name, **metrics.summary(), "_goodput": metrics.goodput})
     scores = {r["policy"]: r["_goodput"] for r in rows}
     ref = next(r for r in rows if r["policy"] == "hete")
+    ref_goodput = ref["_goodput"]
     for r in rows:
         r["vs_hete"] = r["goodput"] / ref["goodput"]
-        # paired ratio over seeds (common random numbers): its CI is much tighter
-        paired = r.pop("_goodput") / ref["_goodput"] if r is not ref else None
-        r["vs_hete_ci95"] = ci95_halfwidth(paired) if paired is not None else 0.0
-    ref.pop("_goodput", None)
+        # paired over seeds (common random numbers), so the CI is much tighter than the two
+        # goodputs' own; it is the CI of this ratio of means, not of the mean per-seed ratio
+        goodput = r.pop("_goodput")
+        r["vs_hete_ci95"] = (
+            ratio_of_means_ci95_halfwidth(goodput, ref_goodput) if r is not ref else 0.0
+        )
     return rows, scores
 
 

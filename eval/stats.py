@@ -18,6 +18,23 @@ def ci95_halfwidth(values) -> float:
     return float(t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
 
 
+def ratio_of_means_ci95_halfwidth(x, y) -> float:
+    """Half-width of the 95% confidence interval of ``mean(x) / mean(y)`` for paired samples
+    (the same seeds, common random numbers), by the delta method: with R the ratio of means,
+    the residuals x_i - R y_i have mean 0 and ``sd / (sqrt(n) mean(y))`` is the standard error
+    of R; Student's t with n - 1 degrees of freedom as in :func:`ci95_halfwidth`. Use it where
+    the point reported is the ratio of means (a CI of the mean of per-seed ratios belongs to
+    another estimator, which can differ by more than its own width). NaN for fewer than two
+    pairs."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) != len(y):
+        raise ValueError(f"paired samples need equal lengths, got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return float("nan")
+    ratio = x.mean() / y.mean()
+    return ci95_halfwidth(x - ratio * y) / abs(y.mean())
+
+
 # ---- reporting across training seeds (Agarwal et al. 2021, "Deep RL at the edge of the
 # statistical precipice"; the definitions of the rliable package, re-implemented here because
 # rliable's pinned dependency chain does not import with current pandas)

@@ -76,3 +76,86 @@ def test_verify_benchmark_runs_and_fits_on_cpu(tmp_path):
         assert all(r["seconds"] > 0 for r in rows)
         assert entry[kind]["fit"]["token_aware"]["t_fix_s"] >= 0
     assert "forward_cuda_graph" not in entry  # CUDA graphs only on a GPU
+
+
+def _law_batches(t_fix, t_user, t_token, cells, repeats=10, noise=None):
+    out = []
+    for users, longest in cells:
+        for i in range(repeats):
+            seconds = t_fix + users * t_user + users * (longest + 1) * t_token
+            if noise is not None:
+                seconds *= noise[i % len(noise)]
+            out.append({"users": users, "longest": longest, "measured_s": seconds})
+    return out
+
+
+def test_verification_law_is_scaled_to_live_batches_part_by_part():
+    """Live batches of two sizes pin the fixed part and the growing part apart: a law whose
+    fixed part runs 1.6x the idle one and its per-user and per-token parts 0.9x is recovered
+    exactly, and a hiccup (one batch in ten 3x slower) does not move it (medians)."""
+    from multispin_env.live.timing import scale_verification_law
+
+    idle = {"kind": "token_aware", "t_fix_s": 5e-3, "t_user_s": 1e-3, "t_token_s": 2e-4}
+    cells = [(4, 1), (4, 3), (8, 1), (8, 2)]
+    live = _law_batches(1.6 * 5e-3, 0.9e-3, 0.9 * 2e-4, cells, noise=[1.0] * 9 + [3.0])
+    fit = scale_verification_law(idle, live)
+    assert fit["fitted"] == "fixed and load parts apart"
+    assert fit["fixed_scale"] == pytest.approx(1.6) and fit["load_scale"] == pytest.approx(0.9)
+    assert fit["law"]["t_user_s"] == pytest.approx(0.9e-3)
+    assert fit["batch_sizes"] == {4: 20, 8: 20} and fit["batches"] == 40
+
+
+def test_one_batch_size_gets_one_scale_and_no_batches_is_an_error():
+    from multispin_env.live.timing import scale_verification_law
+
+    idle = {"kind": "token_aware", "t_fix_s": 5e-3, "t_user_s": 1e-3, "t_token_s": 2e-4}
+    live = _law_batches(1.3 * 5e-3, 1.3e-3, 1.3 * 2e-4, [(8, 1), (8, 3)])
+    fit = scale_verification_law(idle, live)
+    assert fit["fitted"].startswith("one scale")
+    assert fit["fixed_scale"] == fit["load_scale"] == pytest.approx(1.3)
+    # a second size seen too rarely to pin anything: still one scale
+    few = live + _law_batches(1.3 * 5e-3, 1.3e-3, 1.3 * 2e-4, [(4, 1)], repeats=3)
+    assert scale_verification_law(idle, few)["fitted"].startswith("one scale")
+    with pytest.raises(ValueError, match="no live verification"):
+        scale_verification_law(idle, [])
+
+
+def test_the_live_planning_law_is_online_the_scenarios_or_a_files(tmp_path):
+    """Under measured timing the live server plans with the law it is given: the scenario's
+    (as the simulator's server view), a law file, or an end-to-end timing.json; a bad file
+    is refused with the flag and the fix named."""
+    import json
+
+    from multispin_env.live.scheduler import OnlineVerificationModel, make_scheduler
+    from multispin_env.live.server import EdgeServer, LiveConfig
+    from multispin_env.live.timing import planning_verification
+    from multispin_env.verification import TokenAwareVerification
+
+    scenario = load_preset("demo-pair-cpu")
+    assert planning_verification("online") is None
+    assert planning_verification("scenario", scenario) == scenario.verification_model
+    law = {"kind": "token_aware", "t_fix_s": 0.004, "t_user_s": 0.001, "t_token_s": 0.0002}
+    (tmp_path / "law.json").write_text(json.dumps(law))
+    (tmp_path / "timing.json").write_text(json.dumps({"overrides": {"verification": law}}))
+    expected = TokenAwareVerification(0.004, 0.001, 0.0002)
+    for name in ("law.json", "timing.json"):
+        assert planning_verification(str(tmp_path / name)) == expected
+    (tmp_path / "bad.json").write_text(json.dumps({**law, "t_user_s": -1}))
+    (tmp_path / "text.json").write_text("not json")
+    for name, why in (("missing.json", "no such file"), ("text.json", "not readable JSON"),
+                      ("bad.json", "t_user_s")):  # fmt: skip
+        with pytest.raises(ValueError, match="--verification-law") as err:
+            planning_verification(str(tmp_path / name))
+        assert why in str(err.value) and "timing.json" in str(err.value)
+
+    def server(choice):
+        cfg = LiveConfig(max_users=2, scenario="demo-pair-cpu", verification_law=choice)
+        return EdgeServer(cfg, verifier, make_scheduler("hete"), 48)
+
+    from conftest import make_tiny_pair
+
+    _, verifier = make_tiny_pair(48, seed=1)
+
+    assert isinstance(server("online").verification, OnlineVerificationModel)
+    assert server("scenario").verification == scenario.verification_model
+    assert server(str(tmp_path / "timing.json")).verification == expected

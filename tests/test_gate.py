@@ -195,3 +195,18 @@ def test_export_and_evaluate_take_the_deployed_model_of_a_gated_run(residual_run
         export_main([str(residual_run), "--model", "deployed.zip", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("multispin export: error:") and "model.zip" in err
+
+
+@pytest.mark.parametrize("module", ["multispin_train.experiments", "multispin_train.end_to_end"])
+@pytest.mark.parametrize("bad", ["1", "-3", "many"])
+def test_gate_episodes_flag_is_checked_before_any_work(module, bad, capsys):
+    """Both commands that gate take the same flag, checked by one argparse type, and refuse a
+    count no paired interval can come from before minutes of tuning and training."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    args = (["paper"] if module.endswith("experiments") else []) + ["--gate-episodes", bad]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "--gate-episodes" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from conftest import TINY_TRAIN_ARGS
 from multispin_eval.compare import main as evaluate_main
 from multispin_eval.compare import make_figure
 from multispin_eval.harness import EpisodeMetrics
-from multispin_eval.stats import ci95_halfwidth
+from multispin_eval.stats import ci95_halfwidth, ratio_of_means_ci95_halfwidth
 
 
 def _metrics(goodput):
@@ -31,6 +31,30 @@ def test_confidence_interval_uses_student_t():
     assert _metrics(values).summary()["goodput_ci95"] == pytest.approx(expected, rel=1e-6)
     assert np.isnan(ci95_halfwidth([100.0]))
     assert np.isnan(_metrics([100.0]).summary()["goodput_ci95"])
+
+
+def test_the_ratio_of_means_interval_covers_the_ratio_it_reports():
+    """The compare table's "vs Hete" is mean(x) / mean(y) over paired seeds. Its interval is
+    the delta method's: exact scaling, zero width for a constant ratio, and 95% coverage of
+    the true ratio of means in repeated paired draws (where the mean per-seed ratio, with its
+    own CI, would sit off the point reported)."""
+    x, y = np.array([120.0, 80.0, 150.0, 95.0]), np.array([100.0, 90.0, 110.0, 100.0])
+    width = ratio_of_means_ci95_halfwidth(x, y)
+    assert ratio_of_means_ci95_halfwidth(3 * x, y) == pytest.approx(3 * width)
+    assert ratio_of_means_ci95_halfwidth(x, 3 * y) == pytest.approx(width / 3)
+    assert ratio_of_means_ci95_halfwidth(1.2 * y, y) == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(ratio_of_means_ci95_halfwidth([1.0], [2.0]))
+    with pytest.raises(ValueError, match="equal lengths"):
+        ratio_of_means_ci95_halfwidth([1.0, 2.0], [1.0])
+    rng = np.random.default_rng(0)
+    covered, trials, n = 0, 2000, 32
+    for _ in range(trials):  # a scale factor per seed (heavy-tailed), shared by the pair
+        scale = rng.lognormal(0.0, 0.5, n)
+        a, b = scale * rng.normal(1.3, 0.2, n), scale * rng.normal(1.0, 0.2, n)
+        true_ratio = 1.3  # E[scale] is common to both means and cancels
+        half = ratio_of_means_ci95_halfwidth(a, b)
+        covered += abs(a.mean() / b.mean() - true_ratio) <= half
+    assert 0.93 <= covered / trials <= 0.97
 
 
 def test_one_seed_prints_na_not_zero(tmp_path, capsys):

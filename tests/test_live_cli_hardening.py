@@ -33,6 +33,7 @@ from multispin_env.live.cli import _wait_for_devices, build_parser, main, spawn_
         (["--csi-error-std", "nan"], "--csi-error-std nan: must be a number in [0, 10]"),
         (["--protocol", "warp"], "invalid choice"),
         (["--groups", "1"], "--groups: must be >= 2"),
+        (["--verification-law", "/no/law.json"], "--verification-law /no/law.json: no such"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(argv, words, capsys):

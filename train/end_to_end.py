@@ -76,6 +76,8 @@ def live_goodput(
     timing: str = "measured",
     csi_error_std: float = 0.0,
     pair: str = "builtin",
+    groups: int = 2,
+    verification_law: str = "online",
 ) -> dict:
     from multispin_env.live.cli import live_args, run_live
 
@@ -89,7 +91,9 @@ def live_goodput(
         seed=seed,
         trace=trace,
         protocol=protocol,
+        groups=groups,
         timing=timing,
+        verification_law=verification_law,
         csi_error_std=csi_error_std,
     )
     return asyncio.run(run_live(args))
@@ -133,48 +137,61 @@ def scenario_kwargs(
     return kwargs
 
 
-def timing_here(users: int, rounds: int, seed: int, out: Path, pair: str = "builtin") -> dict:
+def timing_here(
+    users: int,
+    rounds: int,
+    seed: int,
+    out: Path,
+    pair: str = "builtin",
+    protocol: str = "sync",
+    groups: int = 2,
+) -> dict:
     """Calibrate where we predict (a profile measured on another machine is off by up to 2x
     here), under the load the live runs put on the host, written to ``timing.json``:
 
-    - a warm-up live run (Hete, as many rounds as the runs, another seed) measures the
-      drafting time per token and the batched verification times with the devices and the
-      server sharing the host, over the same growth of the users' contexts as the runs.
-      Idle, one process drafted 2x faster per token than in a live run, and two idle
-      timings taken a minute apart differed by 1.8x, so only live medians are used;
-    - the verification law's *shape* (fixed, per-user and per-token parts) comes from an
-      idle (K, L) grid at the run's mean context, scaled so that it gives the warm-up's
-      median verification time."""
-    from multispin_env.live.timing import calibrate_here
-    from multispin_env.verification import build_verification
+    - warm-up live runs with Hete (as many rounds as the runs, other seeds) measure the
+      drafting CPU time per token and the batched verification times with the devices and
+      the server sharing the host, over the same growth of the users' contexts as the runs:
+      one in the synchronous round and, for a pipelined protocol, one in that protocol,
+      whose verifications are of one group at a time. Idle, one process drafted 2x faster
+      per token than in a live run, so only live times are used;
+    - the verification law's *shape* comes from an idle (K, L) grid at the run's mean
+      context; its fixed part and its per-user and per-token parts are scaled to the
+      warm-ups' verifications (:func:`~multispin_env.live.timing.scale_verification_law`:
+      two scales where the warm-ups saw two batch sizes, else one).
+
+    Every time is CPU time of the computing thread (:mod:`multispin_env.live.clock`), as in
+    the live runs, so the other processes' share of the cores stays out."""
+    from multispin_env.live.cli import protocol_switches
+    from multispin_env.live.timing import calibrate_here, scale_verification_law
 
     context = PAIRS[pair]["prompt_tokens"] + int(PAIRS[pair]["tokens_per_round"] / 2 * rounds)
     shape = calibrate_here(context_tokens=context, pair=pair)
-    law = shape["overrides"]["verification"]
-    idle_law = build_verification(law)
-    trace = out / "trace_warmup.jsonl"
-    live_goodput("hete", users, rounds, seed + 10_000, str(trace), pair=pair)
-    compute, ratio = [], []
-    for line in trace.read_text().splitlines():
-        rec = json.loads(line)
-        served = [u for u in rec["users"] if u.get("drafted")]
-        if not served:
-            continue
-        compute += [u["compute_s"] / u["drafted"] for u in served]
-        longest = max(u["drafted"] for u in served)
-        ratio.append(rec["verify_s"] / idle_law.latency_for_batch_s(len(served), longest))
-    verify_factor = float(np.median(ratio))
-    overrides = {
-        "t_draft_mean_s": float(np.median(compute)),
-        "verification": {
-            key: value * verify_factor if key != "kind" else value for key, value in law.items()
-        },
-    }
+    warmups = [("sync", seed + 10_000)]
+    if protocol_switches(protocol, groups)["pipeline_groups"] > 1:
+        warmups.append((protocol, seed + 10_001))
+    compute, batches = [], []
+    for warm_protocol, warm_seed in warmups:
+        trace = out / f"trace_warmup_{warm_protocol}.jsonl"
+        live_goodput(
+            "hete", users, rounds, warm_seed, str(trace), warm_protocol, pair=pair, groups=groups
+        )
+        for line in trace.read_text().splitlines():
+            rec = json.loads(line)
+            served = [u for u in rec["users"] if u.get("drafted")]
+            compute += [u["compute_s"] / u["drafted"] for u in served]
+            # the first verifications also fill the caches with the prompts
+            if rec["round"] >= (2 if rounds > 4 else 0):
+                batches += rec["batches"]
+    fit = scale_verification_law(shape["overrides"]["verification"], batches)
+    overrides = {"t_draft_mean_s": float(np.median(compute)), "verification": fit["law"]}
     record = {
         "overrides": overrides,
         "idle_shape": shape,
-        "verification_scale": verify_factor,
-        "warmup": {"scheduler": "hete", "rounds": rounds, "seed": seed + 10_000},
+        "verification_fit": {key: value for key, value in fit.items() if key != "law"},
+        "warmups": [
+            {"scheduler": "hete", "protocol": p, "rounds": rounds, "seed": s} for p, s in warmups
+        ],
     }
     (out / "timing.json").write_text(json.dumps(record, indent=2, default=_plain))
     print(
@@ -183,7 +200,8 @@ def timing_here(users: int, rounds: int, seed: int, out: Path, pair: str = "buil
         + ", ".join(
             f"{k} {1e3 * v:.3f} ms" for k, v in overrides["verification"].items() if k != "kind"
         )
-        + f" (a {rounds}-round live warm-up; the idle law's shape x {verify_factor:.2f})"
+        + f" ({len(warmups)} live warm-up(s) of {rounds} rounds; the idle law's fixed part "
+        f"x {fit['fixed_scale']:.2f}, its per-user and per-token parts x {fit['load_scale']:.2f})"
     )
     return overrides
 
@@ -196,6 +214,7 @@ def main(argv=None) -> dict:
     from multispin_eval.harness import BundleController, SolverController
     from multispin_eval.stats import ci95_halfwidth
     from multispin_train.export import export_run
+    from multispin_train.gate import gate_episodes_arg
     from multispin_train.train import TrainConfig, train
     from multispin_train.tune import tune
 
@@ -227,7 +246,7 @@ def main(argv=None) -> dict:
         action="store_true",
         help="with measured timing: predict with the pair's committed profile (demo-pair-cpu, "
         "smollm2-cpu) instead "
-        "of timing the pair on this machine first (a live warm-up run with Hete, plus a few "
+        "of timing the pair on this machine first (live warm-up runs with Hete, plus a few "
         "seconds of idle timing for the verification law's shape)",
     )
     p.add_argument(
@@ -245,7 +264,7 @@ def main(argv=None) -> dict:
     )
     p.add_argument(
         "--gate-episodes",
-        type=int,
+        type=gate_episodes_arg,
         default=64,
         help="fresh simulated episodes on which the learned policy must beat its base "
         "heuristic to be deployed (else the base is; 0: deploy the selected policy as is)",
@@ -262,8 +281,6 @@ def main(argv=None) -> dict:
     for flag in ("users", "rounds", "runs", "timesteps", "tune_trials"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if a.gate_episodes < 0 or a.gate_episodes == 1:
-        p.error("--gate-episodes must be 0 (no gate) or >= 2")
     if not 2 <= a.groups <= 8:
         p.error("--groups must be in 2..8")
     if not (np.isfinite(a.csi_error_std) and 0 <= a.csi_error_std <= 10):
@@ -281,7 +298,7 @@ def main(argv=None) -> dict:
     env_id = PAIRS[a.pair]["env_id"]
     timing_fields = None
     if a.timing == "measured" and not a.no_calibrate:
-        timing_fields = timing_here(a.users, a.rounds, a.seed, out, a.pair)
+        timing_fields = timing_here(a.users, a.rounds, a.seed, out, a.pair, a.protocol, a.groups)
     sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields, pair=a.pair)
     protocol_kwargs = scenario_kwargs(
         a.users, a.protocol, a.timing, a.groups, timing_fields, a.pair
@@ -340,13 +357,17 @@ def main(argv=None) -> dict:
     if a.protocol == "sync":
         policies.append(("Fixed BW&L", "fixed", SolverController(SolverPolicy("fixed")), "sync"))
     sim_seeds = list(range(3_000_000, 3_000_016))
-    rows, per_run = [], {}
-    for label, scheduler, controller, protocol in policies:
-        runs = []
-        for r in range(a.runs):
+    # live, the schedulers plan with the law the simulator's server view holds (else the
+    # live server fits its own as it goes, and a policy decides otherwise than simulated)
+    planning_law = str(out / "timing.json") if timing_fields else "scenario"
+    # run-major order (run 0 of every policy, then run 1, ...): this host's speed drifts by
+    # 10-30% over minutes, and a policy whose runs came back to back took all of one stretch
+    live_runs = {label: [] for label, *_ in policies}
+    for r in range(a.runs):
+        for label, scheduler, _, protocol in policies:
             name = scheduler.split(":")[0].split("[")[0]
             trace = out / f"trace_{name}_{protocol}_r{r}.jsonl"
-            runs.append(
+            live_runs[label].append(
                 live_goodput(
                     scheduler,
                     a.users,
@@ -357,8 +378,13 @@ def main(argv=None) -> dict:
                     a.timing,
                     a.csi_error_std,
                     a.pair,
+                    a.groups,
+                    planning_law,
                 )
             )
+    rows, per_run = [], {}
+    for label, _, controller, protocol in policies:
+        runs = live_runs[label]
         env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
         predicted = simulated_goodput(controller, sim_seeds, env_kwargs, a.pair)
         measured = np.array([run["goodput_timeline_tokens_per_s"] for run in runs])
@@ -416,6 +442,7 @@ def main(argv=None) -> dict:
         "timing": a.timing,
         "csi_error_std": a.csi_error_std,
         "timing_calibrated_here": timing_fields,
+        "live_verification_law": planning_law,
         "runs": a.runs,
         "rounds": a.rounds,
         "tuned_heuristic": tuned.to_dict(),

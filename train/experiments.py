@@ -336,6 +336,8 @@ def gate_seeds(env_id, runs: dict, episodes: int, progress: bool) -> dict:
 
 
 def main(argv=None) -> dict:
+    from multispin_train.gate import gate_episodes_arg
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     p = argparse.ArgumentParser(prog="multispin experiment", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(EXPERIMENTS), help="which headline experiment")
@@ -354,7 +356,7 @@ def main(argv=None) -> dict:
     )
     p.add_argument(
         "--gate-episodes",
-        type=int,
+        type=gate_episodes_arg,
         default=GATE_EPISODES,
         help="fresh episodes on which each seed's policy must beat its base heuristic to be "
         "deployed (0: no gate, deploy the selected policy)",
@@ -363,8 +365,6 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.jobs < 1 or a.eval_seeds < 2:
         p.error("--jobs must be >= 1 and --eval-seeds >= 2")
-    if a.gate_episodes < 0 or a.gate_episodes == 1:
-        p.error("--gate-episodes must be 0 (no gate) or >= 2")
     return run_experiment(
         a.name, a.timesteps, a.seeds, a.eval_seeds, a.out, a.runs, a.jobs, a.evaluate_only,
         a.progress, a.gate_episodes,

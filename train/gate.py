@@ -35,6 +35,18 @@ DEPLOYED_MODEL = "deployed_model.zip"
 GATE_FILE = "gate.json"
 
 
+def gate_episodes_arg(text: str) -> int:
+    """argparse type of the ``--gate-episodes`` flags: 0 turns the gate off; otherwise at
+    least 2 episodes, the fewest a paired confidence interval can be built from."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError("must be 0 (no gate) or >= 2")
+    return value
+
+
 def _output_layers(model) -> list:
     """The layers that emit the mean action of an actor-critic policy."""
     from torch import nn

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from multispin_env.config import load_preset_document
+from multispin_env.live.clock import compute_clock
 from multispin_env.live.models import load_pair
 
 # prompt categories: stdlib packages with distinct styles, plus the top-level modules
@@ -48,8 +49,9 @@ def time_verification(
     verifier, users=(1, 2, 4, 8), lengths=(1, 2, 4, 8), context=96, reps=11, kept_vocab=1024
 ) -> list[dict]:
     """Median seconds of one verification step per (K, L), timed exactly as the live server
-    times it: ``VerifierServer.verify`` (the batched forward plus the acceptance rule on the
-    uploaded truncated PMFs and the cache bookkeeping), sampling mode."""
+    times it (CPU time on a CPU, :mod:`multispin_env.live.clock`): ``VerifierServer.verify``
+    (the batched forward plus the acceptance rule on the uploaded truncated PMFs and the
+    cache bookkeeping), sampling mode."""
     from multispin_env.live.speculative import (
         DecodingConfig,
         Draft,
@@ -60,6 +62,7 @@ def time_verification(
     rng = np.random.default_rng(0)
     vocab = verifier.cfg.vocab_size
     cfg = DecodingConfig(kept_vocab=kept_vocab)
+    clock = compute_clock(verifier)  # as the server's clock (CPU time on a CPU)
 
     def drafts(k: int, length: int) -> dict:
         out = {}
@@ -82,9 +85,9 @@ def time_verification(
             times = []
             for _ in range(reps):
                 batch = drafts(k, length)
-                t0 = time.perf_counter()
+                t0 = clock()
                 server.verify(batch)
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
             rows.append({"users": k, "draft_length": length, "seconds": float(np.median(times))})
     return rows
 
@@ -118,6 +121,7 @@ def time_drafter(drafter, context=96, rounds=40, length=4) -> dict:
     from multispin_env.live.speculative import DecodingConfig, DrafterSession
 
     rng = np.random.default_rng(1)
+    clock = compute_clock(drafter)
     session = DrafterSession(drafter, DecodingConfig(), rng)
     session.start(list(rng.integers(1, drafter.cfg.vocab_size, context)))
     # the context goes into the KV cache once, as on a device in a running request: a
@@ -129,9 +133,9 @@ def time_drafter(drafter, context=96, rounds=40, length=4) -> dict:
         session.propose(length)
     per_token = []
     for _ in range(rounds):  # propose without commit: the same state every time
-        t0 = time.thread_time()
+        t0 = clock()
         session.propose(length)
-        per_token.append((time.thread_time() - t0) / length)
+        per_token.append((clock() - t0) / length)
     return {
         "mean_s": float(np.mean(per_token)),
         "median_s": float(np.median(per_token)),

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multispin_env.live.timing import parse_timing
+from multispin_env.live.timing import parse_timing, planning_verification
 
 
 def default_prompts(pair, count: int, tokens: int = 48) -> list[list[int]]:
@@ -201,6 +201,7 @@ async def run_live(args) -> dict:
         auth_token=args.auth_token,
         **resolve_protocol(args, scheduler),
         timing=args.timing,
+        verification_law=args.verification_law,
         csi_error_std=args.csi_error_std,
         end_token=pair.end_id,  # a chat answer ends at the end of the assistant's turn
     )
@@ -413,6 +414,8 @@ def check_args(args) -> None:
         if folder and not Path(folder).is_dir():
             raise ValueError(f"--{flag.replace('_', '-')} {folder}: no such folder")
     parse_timing(args.timing)  # names the fix
+    if args.verification_law not in ("online", "scenario"):
+        planning_verification(args.verification_law)  # a file: readable, and a valid law
     if not (np.isfinite(args.csi_error_std) and 0 <= args.csi_error_std <= 10):
         raise ValueError(f"--csi-error-std {args.csi_error_std}: must be a number in [0, 10]")
     if args.time_scale is not None and not (np.isfinite(args.time_scale) and args.time_scale >= 0):
@@ -498,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the timeline's clock: measured (this host's drafting and verification times) "
         "or profile:PRESET (the real models make the tokens; drafting, verification and "
         "payload times come from the preset, e.g. profile:realistic-llama2)",
+    )
+    p.add_argument(
+        "--verification-law",
+        default="online",
+        help="with measured timing, the verification law the scheduler plans with: online "
+        "(fitted to this run's batches as it goes), scenario (the --scenario preset's law, "
+        "as the simulator's) or a JSON file (a law, or the timing.json of end-to-end)",
     )
     p.add_argument(
         "--time-scale",

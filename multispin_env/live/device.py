@@ -23,13 +23,13 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from multispin_env.live import protocol as proto
+from multispin_env.live.clock import compute_clock
 
 
 @dataclass
@@ -99,6 +99,7 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
         greedy=cfg.greedy, temperature=cfg.temperature, kept_vocab=cfg.kept_vocab
     )
     session = DrafterSession(drafter, decoding, np.random.default_rng(cfg.seed))
+    clock = compute_clock(drafter)  # CPU time on a CPU: the other processes' load is not ours
     if not cfg.prompt:
         raise ValueError("the prompt needs at least one token")
     if cfg.session is None and cfg.session_file and Path(cfg.session_file).exists():
@@ -156,9 +157,9 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                         session, msg, length, uniforms, stop, rate_bps, vocab, writer, cfg
                     )
                     continue
-                t0 = time.thread_time()
+                t0 = clock()
                 draft = session.propose(length, uniforms, stop)
-                compute_s = (time.thread_time() - t0) * cfg.speed_factor
+                compute_s = (clock() - t0) * cfg.speed_factor
                 upload_s = draft.payload_bits(vocab, cfg.prob_bits) / max(rate_bps, 1e-9)
                 extra = compute_s * (1 - 1 / cfg.speed_factor) if cfg.speed_factor > 1 else 0.0
                 if "token_time_s" in msg:  # profile timing: the profile's clock, not ours
@@ -215,6 +216,7 @@ async def _stream_draft(session, msg, length, uniforms, stop, rate_bps, vocab, w
     deadline_s = float(msg["deadline_s"])
     index_bits = int(np.ceil(np.log2(vocab)))
     profiled = "token_time_s" in msg  # profile timing: the profile's clock, not ours
+    clock = compute_clock(session.model)
     loop = asyncio.get_running_loop()
     start = loop.time()
     queue: asyncio.Queue = asyncio.Queue()
@@ -232,18 +234,18 @@ async def _stream_draft(session, msg, length, uniforms, stop, rate_bps, vocab, w
     compute_s, arrival_s, count, cut = 0.0, 0.0, 0, 0
     try:
         while True:
-            t0 = time.thread_time()
+            t0 = clock()
             step = session.next_token()
             if step is None:
                 if not profiled:  # the forward that measured the stop confidence
-                    compute_s += (time.thread_time() - t0) * cfg.speed_factor
+                    compute_s += (clock() - t0) * cfg.speed_factor
                 break
             token, indices, values = step
             if profiled:
                 compute_s += msg["token_time_s"]
                 upload_s = msg["upload_bits"] / max(rate_bps, 1e-9)
             else:
-                compute_s += (time.thread_time() - t0) * cfg.speed_factor
+                compute_s += (clock() - t0) * cfg.speed_factor
                 upload_s = indices.shape[0] * (cfg.prob_bits + index_bits) / max(rate_bps, 1e-9)
             arrival = max(arrival_s, compute_s) + upload_s
             if arrival > deadline_s:

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+SMOLLM2_VOCAB = 49152  # SmolLM2's tokenizer: every id the verifier can score
+
 
 def generate(
     out: Path,
@@ -164,7 +166,7 @@ def _soft_loss_and_alpha(logits, t_ids, t_p):
 # -- the self-speculative drafter (what ships) ------------------------------------------------
 def vocabulary_by_mass(records: list[dict], size: int, always: tuple[int, ...] = ()) -> list[int]:
     """The ``size`` tokens holding the most of the verifier's soft-target mass, sorted."""
-    mass = np.zeros(49152)
+    mass = np.zeros(SMOLLM2_VOCAB)
     for r in records:
         np.add.at(mass, r["top_ids"].ravel(), r["top_p"].astype(np.float64).ravel())
     chosen = set(np.argsort(-mass)[:size].tolist()) | set(always)
@@ -198,8 +200,8 @@ def train_self_spec(
             f"--layers {layers} --trained-layers {trained_layers}: need 1 <= trained layers "
             "<= layers <= 30 (SmolLM2's depth)"
         )
-    if not 16 <= vocab_size <= 49152:
-        raise ValueError(f"--vocab {vocab_size}: must be in 16..49152")
+    if not 16 <= vocab_size <= SMOLLM2_VOCAB:
+        raise ValueError(f"--vocab {vocab_size}: must be in 16..{SMOLLM2_VOCAB}")
     if not (work / "samples.pt").is_file():
         raise ValueError(
             f"{work}/samples.pt does not exist: run the generate stage first "
@@ -216,7 +218,7 @@ def train_self_spec(
         )
     eos = 2  # <|im_end|>: the end of every answer must be draftable
     vocab = vocabulary_by_mass(records, vocab_size, always=(eos,))
-    to_local = torch.full((49152,), -1, dtype=torch.long)
+    to_local = torch.full((SMOLLM2_VOCAB,), -1, dtype=torch.long)
     to_local[torch.as_tensor(vocab)] = torch.arange(len(vocab))
     model = smollm2.self_spec_model(layers, vocab)
     borrowed = layers - trained_layers
@@ -335,7 +337,9 @@ def train_self_spec(
         str(out / "drafter.safetensors"),
         metadata={"format": "pt"},
     )
-    (out / "vocab.json").write_text(json.dumps({"full_vocab_size": 49152, "ids": vocab}) + "\n")
+    (out / "vocab.json").write_text(
+        json.dumps({"full_vocab_size": SMOLLM2_VOCAB, "ids": vocab}) + "\n"
+    )
     verifier = smollm2.check(smollm2.convert())
     spec = {
         "layers": layers,

@@ -35,8 +35,9 @@ go on. A device that says bye frees its slot at once; one that vanishes keeps it
 server listens on a non-loopback address).
 
 Time is reported twice: on a *timeline* built from the devices' measured compute (CPU time
-x speed factor), the emulated uplink delays and the measured verification time, which does
-not depend on how the devices share this host's cores; and as wall-clock. With
+x speed factor), the emulated uplink delays and the verification's CPU time on a CPU
+verifier (:mod:`multispin_env.live.clock`), which do not depend on how the devices and the
+server share this host's cores; and as wall-clock. With
 ``timing="profile:PRESET"`` the timeline takes drafting, verification and payload times
 from the preset instead (:mod:`multispin_env.live.timing`). The summary reports how much of
 the timeline the verifier is busy and each device is idle (the overlaps the extended
@@ -61,10 +62,11 @@ from multispin_env.action_codec import ProtocolLevers
 from multispin_env.config import load_preset
 from multispin_env.episodes import ServerView
 from multispin_env.live import protocol as proto
+from multispin_env.live.clock import compute_clock
 from multispin_env.live.rounds import Answer, Assignment, Played, make_round_protocol
 from multispin_env.live.scheduler import BundleScheduler, OnlineVerificationModel
 from multispin_env.live.speculative import DecodingConfig, VerifierServer, draft_uniforms
-from multispin_env.live.timing import load_profile, parse_timing
+from multispin_env.live.timing import load_profile, parse_timing, planning_verification
 from multispin_env.live.validation import (
     MAX_REPORTED_TIME_S,
     Rejected,
@@ -120,6 +122,11 @@ class LiveConfig:
             simulator's switches (:mod:`multispin_env.live.rounds`).
         timing: ``measured`` (this host's times) or ``profile:PRESET`` (drafting,
             verification and payload from a preset; :mod:`multispin_env.live.timing`).
+        verification_law: under measured timing, the verification law the schedulers plan
+            with: ``online`` (fitted to this run's batches as it goes), ``scenario`` (the
+            scenario's law, as the simulator's server view) or a JSON file
+            (:func:`~multispin_env.live.timing.planning_verification`). A profile's law is
+            always the profile's.
         end_token: the pair's end-of-text token (a chat model's end of turn): a request
             whose committed text contains it ends before the next round (reason
             ``end_of_text``), so no tokens past the answer are drafted or counted.
@@ -153,6 +160,7 @@ class LiveConfig:
     streaming_deadline: bool = False
     pipeline_groups: int = 1
     timing: str = "measured"
+    verification_law: str = "online"
 
     def __post_init__(self) -> None:
         try:
@@ -218,6 +226,10 @@ class RoundRecord:
     rejected: list = field(default_factory=list)
     protocol: str = "sync"
     phases: list = field(default_factory=list)  # pipelined groups: one entry per phase
+    # every batched verification of the round: users, longest draft, the measured (CPU)
+    # seconds, the timeline's (the profile's under profile timing) and the wall clock's:
+    # what `multispin end-to-end` fits the verification law to
+    batches: list = field(default_factory=list)
 
 
 class EdgeServer:
@@ -240,6 +252,7 @@ class EdgeServer:
         if self.profile is not None:
             self.payload_bits = int(self.profile.payload_bits)
         self.verify_wall_s = 0.0  # measured verification time (the timeline may use a profile)
+        self._batches: list[dict] = []  # this round's verifications, for its record
         self.rng = np.random.default_rng(cfg.seed + 1)
         self.users: dict[str, _User] = {}
         self.history = UserHistory(1, cfg.max_users)
@@ -248,11 +261,11 @@ class EdgeServer:
         else:
             self.alpha_prior = cfg.alpha_prior
         self.history.reset(np.full((1, cfg.max_users), self.alpha_prior))
-        self.verification = (
-            OnlineVerificationModel()
-            if self.profile is None
-            else self.profile.verification_model  # the profile's law, known exactly
-        )
+        if self.profile is not None:
+            self.verification = self.profile.verification_model  # the profile's law, exactly
+        else:
+            known = planning_verification(cfg.verification_law, self.scenario)
+            self.verification = OnlineVerificationModel() if known is None else known
         self.records: list[RoundRecord] = []
         # the latest errors (bounded: a peer can make the server write one per message)
         self.protocol_errors: collections.deque[str] = collections.deque(maxlen=1000)
@@ -833,15 +846,20 @@ class EdgeServer:
         drafts = {d: ans.draft for d, ans in answers.items() if ans.draft is not None}
         if not drafts:
             return {}, 0.0
-        t0 = time.perf_counter()
+        clock = compute_clock(self.verifier.model)
+        t0, wall0 = clock(), time.perf_counter()
         results = self.verifier.verify(drafts)
-        verify_s = time.perf_counter() - t0
-        self.verify_wall_s += verify_s
+        verify_s = clock() - t0
+        wall_s = time.perf_counter() - wall0
+        self.verify_wall_s += wall_s
         longest = max(len(d.tokens) for d in drafts.values())
+        batch = {"users": len(drafts), "longest": longest, "measured_s": verify_s}
         if self.profile is None:
-            self.verification.observe(len(drafts), longest, verify_s)
+            if isinstance(self.verification, OnlineVerificationModel):
+                self.verification.observe(len(drafts), longest, verify_s)
         else:
             verify_s = float(self.verification.latency_for_batch_s(len(drafts), longest))
+        self._batches.append(batch | {"verify_s": verify_s, "wall_s": wall_s})
         for device_id, (m, committed) in results.items():
             user = self.users[device_id]
             # if this fails, it is committed on the server; the device gets it on rejoin
@@ -1009,7 +1027,9 @@ class EdgeServer:
             played.rejected,
             self.round_protocol.name,
             played.phases,
+            self._batches,
         )
+        self._batches = []
         self.records.append(record)
         if self.cfg.trace_path:
             with open(self.cfg.trace_path, "a") as f:

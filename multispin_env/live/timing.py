@@ -18,6 +18,10 @@ it (:func:`profile_overrides`).
 
 from __future__ import annotations
 
+import collections
+
+import numpy as np
+
 from multispin_env.config import load_preset, load_preset_document, preset_names
 
 # the preset fields that make up a hardware profile (the rest is channel and acceptance)
@@ -149,3 +153,98 @@ def calibrate_here(
         "host": {"machine": platform.machine(), "processor": platform.processor()},
         "wall_s": time.perf_counter() - t0,
     }
+
+
+def scale_verification_law(law: dict, batches: list[dict], min_batches: int = 8) -> dict:
+    """Fit a token-aware verification law measured idle (``law``: ``t_fix_s``, ``t_user_s``,
+    ``t_token_s``) to verifications timed in live runs (``batches``: ``users``, ``longest``,
+    ``measured_s``, as the live trace records them).
+
+    The idle grid gives the law's *shape* (how the cost grows with users and padded tokens);
+    live runs on this host differ from it by a factor that drifts, and the fixed part and
+    the part that grows with the batch can move by different factors (a pipelined group of
+    4 users took 1.4x the idle-shaped law where 8 users took 1.1x). So where the batches
+    hold two or more batch sizes with ``min_batches`` each, the fixed part and the per-user
+    and per-token parts get a scale each, by non-negative least squares on the per-(K, L)
+    medians weighted by their counts (medians: a host hiccup moves one batch, not the fit).
+    With one batch size they cannot be told apart and one scale, the median ratio, scales
+    all three. Returns the scaled law and how it was fitted."""
+    from scipy.optimize import nnls
+
+    if not batches:
+        raise ValueError("no live verification to fit the law to")
+    fixed = float(law["t_fix_s"])
+    cells: dict[tuple[int, int], list[float]] = {}
+    for b in batches:
+        cells.setdefault((int(b["users"]), int(b["longest"])), []).append(float(b["measured_s"]))
+
+    def load(users: int, longest: int) -> float:
+        return users * law["t_user_s"] + users * (longest + 1) * law["t_token_s"]
+
+    sizes = collections.Counter()
+    for (users, _), times in cells.items():
+        sizes[users] += len(times)
+    fitted = None
+    if sum(count >= min_batches for count in sizes.values()) >= 2:
+        weight = np.sqrt([len(times) for times in cells.values()])
+        design = np.array([[fixed, load(k, ell)] for k, ell in cells]) * weight[:, None]
+        target = np.array([np.median(times) for times in cells.values()]) * weight
+        (fixed_scale, load_scale), _ = nnls(design, target)
+        if fixed_scale > 0 and load_scale > 0:
+            fitted = "fixed and load parts apart"
+    if fitted is None:
+        ratios = [t / (fixed + load(k, ell)) for (k, ell), times in cells.items() for t in times]
+        fixed_scale = load_scale = float(np.median(ratios))
+        fitted = "one scale (one batch size)" if len(sizes) < 2 else "one scale (fallback)"
+    return {
+        "law": {
+            "kind": "token_aware",
+            "t_fix_s": fixed * float(fixed_scale),
+            "t_user_s": law["t_user_s"] * float(load_scale),
+            "t_token_s": law["t_token_s"] * float(load_scale),
+        },
+        "fixed_scale": float(fixed_scale),
+        "load_scale": float(load_scale),
+        "fitted": fitted,
+        "batches": int(sum(len(t) for t in cells.values())),
+        "batch_sizes": {int(k): int(n) for k, n in sorted(sizes.items())},
+    }
+
+
+def planning_verification(choice: str, scenario=None):
+    """The verification law the live server plans with under measured timing (its
+    schedulers read it as the simulator's server view holds the scenario's law):
+
+    - ``online``: None; the server fits ``a + b K (L + 1)`` to its own batches as it goes
+      (:class:`~multispin_env.live.scheduler.OnlineVerificationModel`);
+    - ``scenario``: the scenario preset's law, as ``multispin calibrate`` measured it;
+    - a path to a JSON file: a law mapping (``{"kind": "token_aware", "t_fix_s": ...}``) or
+      a ``timing.json`` written by ``multispin end-to-end`` (its calibrated law).
+
+    With the same law in the simulator and live, a policy decides alike in both, and a gap
+    between them is timing and acceptance, not a planner that learned another law."""
+    import json
+    from pathlib import Path
+
+    from multispin_env.verification import build_verification
+
+    if choice == "online":
+        return None
+    if choice == "scenario":
+        if scenario is None:
+            raise ValueError("--verification-law scenario needs the scenario")
+        return scenario.verification_model
+    path = Path(choice)
+    fix = "pass online, scenario or a JSON file holding a law or an end-to-end timing.json"
+    if not path.is_file():
+        raise ValueError(f"--verification-law {choice}: no such file; {fix}")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--verification-law {choice}: not readable JSON ({err}); {fix}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("overrides"), dict):
+        doc = doc["overrides"].get("verification")
+    try:
+        return build_verification(doc)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--verification-law {choice}: {err}; {fix}") from None
