@@ -159,3 +159,15 @@ def test_the_live_planning_law_is_online_the_scenarios_or_a_files(tmp_path):
     assert isinstance(server("online").verification, OnlineVerificationModel)
     assert server("scenario").verification == scenario.verification_model
     assert server(str(tmp_path / "timing.json")).verification == expected
+
+
+def test_calibrated_tasks_keep_the_categories_and_move_their_mean():
+    from multispin_train.end_to_end import calibrated_tasks
+
+    preset = load_preset("demo-pair-cpu").tasks
+    tasks = calibrated_tasks("demo-pair-cpu", 0.6)
+    assert [t["name"] for t in tasks] == [t.name for t in preset]
+    assert np.mean([t["alpha_mean"] for t in tasks]) == pytest.approx(0.6)
+    ratios = [t["alpha_mean"] / p.alpha_mean for t, p in zip(tasks, preset, strict=True)]
+    assert np.ptp(ratios) < 1e-12  # one scale for every category
+    assert load_preset("demo-pair-cpu", tasks=tasks).tasks[0].alpha_mean == tasks[0]["alpha_mean"]

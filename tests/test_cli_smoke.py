@@ -77,6 +77,11 @@ def test_end_to_end_smoke(tmp_path, capsys):
     for part in ("t_fix_s", "t_user_s", "t_token_s"):
         assert law[part] == pytest.approx(idle[part] * fit["fixed_scale"])
     assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
+    # the warm-up's acceptance on the runs' prompts: the live prior and the simulator's tasks
+    alpha = timing["acceptance"]["alpha"]
+    assert 0 < alpha < 1 and summary["acceptance_calibrated_here"] == alpha
+    assert all(r["sim_preset_acceptance_tokens_per_s"] > 0 for r in summary["rows"])
+    assert summary["live_verification_law"] == str(tmp_path / "out" / "timing.json")
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
     # the bundle is what the gate deployed (64 fresh simulated episodes by default)
     assert summary["gate"]["episodes"] == 64 and summary["gate"]["deployed"] in (

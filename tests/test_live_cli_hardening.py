@@ -34,6 +34,8 @@ from multispin_env.live.cli import _wait_for_devices, build_parser, main, spawn_
         (["--protocol", "warp"], "invalid choice"),
         (["--groups", "1"], "--groups: must be >= 2"),
         (["--verification-law", "/no/law.json"], "--verification-law /no/law.json: no such"),
+        (["--alpha-prior", "1.5"], "--alpha-prior 1.5: must be a number in (0, 1)"),
+        (["--alpha-prior", "nan"], "--alpha-prior nan: must be a number in (0, 1)"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(argv, words, capsys):

@@ -78,6 +78,7 @@ def live_goodput(
     pair: str = "builtin",
     groups: int = 2,
     verification_law: str = "online",
+    alpha_prior: float | None = None,
 ) -> dict:
     from multispin_env.live.cli import live_args, run_live
 
@@ -94,6 +95,7 @@ def live_goodput(
         groups=groups,
         timing=timing,
         verification_law=verification_law,
+        alpha_prior=alpha_prior,
         csi_error_std=csi_error_std,
     )
     return asyncio.run(run_live(args))
@@ -170,7 +172,7 @@ def timing_here(
     warmups = [("sync", seed + 10_000)]
     if protocol_switches(protocol, groups)["pipeline_groups"] > 1:
         warmups.append((protocol, seed + 10_001))
-    compute, batches = [], []
+    compute, batches, accepted, examined = [], [], 0, 0
     for warm_protocol, warm_seed in warmups:
         trace = out / f"trace_warmup_{warm_protocol}.jsonl"
         live_goodput(
@@ -180,6 +182,10 @@ def timing_here(
             rec = json.loads(line)
             served = [u for u in rec["users"] if u.get("drafted")]
             compute += [u["compute_s"] / u["drafted"] for u in served]
+            for u in served:  # the rule looks at tokens up to the first rejection
+                if "accepted" in u and not u.get("cut"):
+                    accepted += u["accepted"]
+                    examined += u["accepted"] + (u["accepted"] < u["drafted"])
             # the first verifications also fill the caches with the prompts
             if rec["round"] >= (2 if rounds > 4 else 0):
                 batches += rec["batches"]
@@ -187,6 +193,12 @@ def timing_here(
     overrides = {"t_draft_mean_s": float(np.median(compute)), "verification": fit["law"]}
     record = {
         "overrides": overrides,
+        # the pair's acceptance on the runs' prompts (other seeds): per token the rule
+        # looked at, the i.i.d. estimate (sampling holds i.i.d. within 0.03 per position)
+        "acceptance": {
+            "alpha": accepted / examined if examined else None,
+            "tokens_examined": examined,
+        },
         "idle_shape": shape,
         "verification_fit": {key: value for key, value in fit.items() if key != "law"},
         "warmups": [
@@ -203,7 +215,27 @@ def timing_here(
         + f" ({len(warmups)} live warm-up(s) of {rounds} rounds; the idle law's fixed part "
         f"x {fit['fixed_scale']:.2f}, its per-user and per-token parts x {fit['load_scale']:.2f})"
     )
-    return overrides
+    return record
+
+
+def calibrated_tasks(preset: str, alpha: float) -> list[dict]:
+    """The preset's prompt categories with their acceptance rates scaled so that their mean
+    is ``alpha`` (what the warm-ups measured on the runs' prompts): the live runs draft on a
+    few fixed prompts, and their acceptance is not the mean over the prompts `multispin
+    calibrate` measured."""
+    from multispin_env.config import load_preset
+
+    tasks = load_preset(preset).tasks
+    scale = alpha / float(np.mean([t.alpha_mean for t in tasks]))
+    return [
+        {
+            "name": t.name,
+            "alpha_mean": float(np.clip(t.alpha_mean * scale, 0.01, 0.99)),
+            "alpha_std": t.alpha_std,
+            "weight": t.weight,
+        }
+        for t in tasks
+    ]
 
 
 def main(argv=None) -> dict:
@@ -296,9 +328,10 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     env_id = PAIRS[a.pair]["env_id"]
-    timing_fields = None
+    timing_fields, alpha_here = None, None
     if a.timing == "measured" and not a.no_calibrate:
-        timing_fields = timing_here(a.users, a.rounds, a.seed, out, a.pair, a.protocol, a.groups)
+        calibration = timing_here(a.users, a.rounds, a.seed, out, a.pair, a.protocol, a.groups)
+        timing_fields, alpha_here = calibration["overrides"], calibration["acceptance"]["alpha"]
     sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields, pair=a.pair)
     protocol_kwargs = scenario_kwargs(
         a.users, a.protocol, a.timing, a.groups, timing_fields, a.pair
@@ -380,13 +413,19 @@ def main(argv=None) -> dict:
                     a.pair,
                     a.groups,
                     planning_law,
+                    alpha_here,  # the schedulers' prior, as the simulator's (its mean)
                 )
             )
     rows, per_run = [], {}
     for label, _, controller, protocol in policies:
         runs = live_runs[label]
         env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
-        predicted = simulated_goodput(controller, sim_seeds, env_kwargs, a.pair)
+        predicted_preset = predicted = simulated_goodput(controller, sim_seeds, env_kwargs, a.pair)
+        if alpha_here is not None:  # the acceptance the warm-ups saw on these prompts
+            tasks = calibrated_tasks(PAIRS[a.pair]["preset"], alpha_here)
+            predicted = simulated_goodput(
+                controller, sim_seeds, {**env_kwargs, "tasks": tasks}, a.pair
+            )
         measured = np.array([run["goodput_timeline_tokens_per_s"] for run in runs])
         per_run[label] = measured
         rows.append(
@@ -399,6 +438,7 @@ def main(argv=None) -> dict:
                     np.mean([run["goodput_wall_tokens_per_s"] for run in runs])
                 ),
                 "sim_tokens_per_s": predicted,
+                "sim_preset_acceptance_tokens_per_s": predicted_preset,
                 "sim_gap": predicted / float(measured.mean()) - 1.0,
                 "live_accept_frac": float(np.mean([run["accept_frac"] for run in runs])),
                 "server_busy_frac": float(np.mean([run["server_busy_frac"] for run in runs])),
@@ -410,13 +450,15 @@ def main(argv=None) -> dict:
         f"{a.timing}" + (f", CSI error {a.csi_error_std:g}" if a.csi_error_std else ""),
         "",
         "| policy | protocol | live tok/s (timeline) | live tok/s (wall) | simulator tok/s | "
-        "sim vs live | live accept | verifier busy | device idle |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "sim vs live | sim, preset's acceptance | live accept | verifier busy | device idle |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     table += [
         f"| {r['policy']} | {r['protocol']} | {r['live_tokens_per_s']:.1f} | "
         f"{r['live_wall_tokens_per_s']:.1f} | {r['sim_tokens_per_s']:.1f} | "
-        f"{100 * r['sim_gap']:+.1f}% | {r['live_accept_frac']:.3f} | "
+        f"{100 * r['sim_gap']:+.1f}% | "
+        f"{100 * (r['sim_preset_acceptance_tokens_per_s'] / r['live_tokens_per_s'] - 1):+.1f}% | "
+        f"{r['live_accept_frac']:.3f} | "
         f"{r['server_busy_frac']:.0%} | {r['device_idle_frac']:.0%} |"
         for r in rows
     ]
@@ -443,6 +485,7 @@ def main(argv=None) -> dict:
         "csi_error_std": a.csi_error_std,
         "timing_calibrated_here": timing_fields,
         "live_verification_law": planning_law,
+        "acceptance_calibrated_here": alpha_here,
         "runs": a.runs,
         "rounds": a.rounds,
         "tuned_heuristic": tuned.to_dict(),

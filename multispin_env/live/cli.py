@@ -202,6 +202,7 @@ async def run_live(args) -> dict:
         **resolve_protocol(args, scheduler),
         timing=args.timing,
         verification_law=args.verification_law,
+        alpha_prior=args.alpha_prior,
         csi_error_std=args.csi_error_std,
         end_token=pair.end_id,  # a chat answer ends at the end of the assistant's turn
     )
@@ -416,6 +417,8 @@ def check_args(args) -> None:
     parse_timing(args.timing)  # names the fix
     if args.verification_law not in ("online", "scenario"):
         planning_verification(args.verification_law)  # a file: readable, and a valid law
+    if args.alpha_prior is not None and not (0 < args.alpha_prior < 1):
+        raise ValueError(f"--alpha-prior {args.alpha_prior}: must be a number in (0, 1)")
     if not (np.isfinite(args.csi_error_std) and 0 <= args.csi_error_std <= 10):
         raise ValueError(f"--csi-error-std {args.csi_error_std}: must be a number in [0, 10]")
     if args.time_scale is not None and not (np.isfinite(args.time_scale) and args.time_scale >= 0):
@@ -522,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="channel estimation error the scheduler sees, as the simulator's csi_error_std "
         "(the server sees |h + e|^2, e ~ CN(0, std^2 H_bar)); 0: exact channel knowledge",
+    )
+    p.add_argument(
+        "--alpha-prior",
+        type=float,
+        default=None,
+        help="acceptance the scheduler assumes for a user with no history yet, in (0, 1) "
+        "(default: the mean of the scenario's task acceptance rates)",
     )
     p.add_argument("--rounds", type=at_least(1), default=30, help="rounds (cycles) to play")
     p.add_argument(
