@@ -158,9 +158,8 @@ def timing_here(
       whose verifications are of one group at a time. Idle, one process drafted 2x faster
       per token than in a live run, so only live times are used;
     - the verification law's *shape* comes from an idle (K, L) grid at the run's mean
-      context; its fixed part and its per-user and per-token parts are scaled to the
-      warm-ups' verifications (:func:`~multispin_env.live.timing.scale_verification_law`:
-      two scales where the warm-ups saw two batch sizes, else one).
+      context, scaled to the warm-ups' verifications
+      (:func:`~multispin_env.live.timing.scale_verification_law`).
 
     Every time is CPU time of the computing thread (:mod:`multispin_env.live.clock`), as in
     the live runs, so the other processes' share of the cores stays out."""
@@ -212,8 +211,8 @@ def timing_here(
         + ", ".join(
             f"{k} {1e3 * v:.3f} ms" for k, v in overrides["verification"].items() if k != "kind"
         )
-        + f" ({len(warmups)} live warm-up(s) of {rounds} rounds; the idle law's fixed part "
-        f"x {fit['fixed_scale']:.2f}, its per-user and per-token parts x {fit['load_scale']:.2f})"
+        + f" ({len(warmups)} live warm-up(s) of {rounds} rounds; the idle law x "
+        f"{fit['scale']:.2f})"
     )
     return record
 
