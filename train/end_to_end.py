@@ -18,9 +18,15 @@
    BW&L) in the paper's round, on the same prompts, devices and seeds, ``--runs`` times each;
 5. predicts each policy's goodput in the simulator and reports the gap.
 
-With ``--timing profile:PRESET`` the live timeline takes drafting, verification and payload
-times from the preset (:mod:`multispin_env.live.timing`), and the simulator uses the same
-profile over the pair's acceptance, so the gap measures the acceptance model alone.
+With measured timing (the default) the pair is first timed on this machine
+(:func:`timing_here`: live warm-up runs on other seeds), the simulator predicts with that
+timing and with the acceptance the warm-ups saw on the runs' prompts, and the live
+schedulers plan with the same verification law and acceptance prior as the simulator's.
+Policies play run-major (run 0 of every policy, then run 1, ...), so the host's drift
+over minutes falls on all of them alike. With ``--timing profile:PRESET`` the live
+timeline takes drafting, verification and payload times from the preset
+(:mod:`multispin_env.live.timing`), and the simulator uses the same profile over the pair's
+acceptance, so the gap measures the acceptance model alone.
 
 Writes ``results/end_to_end/{table.md,summary.json}`` (``--out``).
 """
