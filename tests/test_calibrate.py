@@ -129,8 +129,11 @@ def test_the_live_planning_law_is_online_the_scenarios_or_a_files(tmp_path):
         assert planning_verification(str(tmp_path / name)) == expected
     (tmp_path / "bad.json").write_text(json.dumps({**law, "t_user_s": -1}))
     (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "flag.json").write_text(json.dumps({**law, "t_fix_s": True}))
+    (tmp_path / "list.json").write_text("[1, 2]")
     for name, why in (("missing.json", "no such file"), ("text.json", "not readable JSON"),
-                      ("bad.json", "t_user_s")):  # fmt: skip
+                      ("bad.json", "t_user_s"), ("flag.json", "must be numbers"),
+                      ("list.json", "holds no law")):  # fmt: skip
         with pytest.raises(ValueError, match="--verification-law") as err:
             planning_verification(str(tmp_path / name))
         assert why in str(err.value) and "timing.json" in str(err.value)

@@ -76,10 +76,13 @@ def test_end_to_end_smoke(tmp_path, capsys):
     for part in ("t_fix_s", "t_user_s", "t_token_s"):
         assert law[part] == pytest.approx(idle[part] * fit["scale"])
     assert all(r["live_tokens_per_s"] > 0 and r["sim_tokens_per_s"] > 0 for r in summary["rows"])
-    # the warm-up's acceptance on the runs' prompts: the live prior and the simulator's tasks
-    alpha = timing["acceptance"]["alpha"]
-    assert 0 < alpha < 1 and summary["acceptance_calibrated_here"] == alpha
-    assert all(r["sim_preset_acceptance_tokens_per_s"] > 0 for r in summary["rows"])
+    # the warm-up's acceptance on the runs' prompts would be the live prior and scale the
+    # simulator's tasks; 3 rounds of 2 users look at too few tokens, so the preset's stays
+    assert 0 < timing["acceptance"]["tokens_examined"] < 100
+    assert timing["acceptance"]["alpha"] is None and summary["acceptance_calibrated_here"] is None
+    assert all(
+        r["sim_preset_acceptance_tokens_per_s"] == r["sim_tokens_per_s"] for r in summary["rows"]
+    )
     assert summary["live_verification_law"] == str(tmp_path / "out" / "timing.json")
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
     # the bundle is what the gate deployed (64 fresh simulated episodes by default)

@@ -29,6 +29,15 @@ def test_the_clock_follows_where_the_weights_live():
     assert model_device_type(on_gpu) == "cuda"
     assert compute_clock(on_gpu) is time.perf_counter  # an accelerator: the CPU only waits
     assert compute_clock(object()) is time.thread_time  # cannot say: CPU
+    wrapped = types.SimpleNamespace(model=types.SimpleNamespace(model=on_gpu))
+    assert model_device_type(wrapped) == "cuda"  # a reduced-vocabulary drafter, say
+    from multispin_env.live.models import ReducedVocabDrafter
+
+    class Net(torch.nn.Linear):
+        cfg = types.SimpleNamespace(n_positions=16, vocab_size=3)
+
+    drafter = ReducedVocabDrafter(Net(2, 2).to("meta"), [0, 1], full_vocab_size=4)
+    assert model_device_type(drafter) == "meta" and compute_clock(drafter) is time.perf_counter
 
 
 def test_the_cpu_clock_leaves_out_time_the_thread_does_not_run():

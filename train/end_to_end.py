@@ -59,6 +59,9 @@ PAIRS = {
         "tokens_per_round": 2.5,
     },
 }
+# tokens the warm-ups' acceptance estimate needs (its standard error is then <= 0.05); with
+# fewer, the simulator keeps the preset's acceptance and the live schedulers its prior
+MIN_ACCEPTANCE_TOKENS = 100
 ENV_ID = PAIRS["builtin"]["env_id"]
 PAIR_PRESET = PAIRS["builtin"]["preset"]
 
@@ -183,16 +186,17 @@ def timing_here(
         live_goodput(
             "hete", users, rounds, warm_seed, str(trace), warm_protocol, pair=pair, groups=groups
         )
-        for line in trace.read_text().splitlines():
-            rec = json.loads(line)
+        records = [json.loads(line) for line in trace.read_text().splitlines()]
+        # the first two records' verifications also fill the caches with the prompts (in a
+        # pipelined run, the second cycle's first phase verifies the last group's first draft)
+        for index, rec in enumerate(records):
             served = [u for u in rec["users"] if u.get("drafted")]
             compute += [u["compute_s"] / u["drafted"] for u in served]
             for u in served:  # the rule looks at tokens up to the first rejection
                 if "accepted" in u and not u.get("cut"):
                     accepted += u["accepted"]
                     examined += u["accepted"] + (u["accepted"] < u["drafted"])
-            # the first verifications also fill the caches with the prompts
-            if rec["round"] >= (2 if rounds > 4 else 0):
+            if index >= 2 or len(records) <= 4:
                 batches += rec["batches"]
     fit = scale_verification_law(shape["overrides"]["verification"], batches)
     overrides = {"t_draft_mean_s": float(np.median(compute)), "verification": fit["law"]}
@@ -201,7 +205,9 @@ def timing_here(
         # the pair's acceptance on the runs' prompts (other seeds): per token the rule
         # looked at, the i.i.d. estimate (sampling holds i.i.d. within 0.03 per position)
         "acceptance": {
-            "alpha": accepted / examined if examined else None,
+            "alpha": float(np.clip(accepted / examined, 0.01, 0.99))
+            if examined >= MIN_ACCEPTANCE_TOKENS
+            else None,
             "tokens_examined": examined,
         },
         "idle_shape": shape,

@@ -18,13 +18,20 @@ from collections.abc import Callable
 
 
 def model_device_type(model) -> str:
-    """``"cpu"``, ``"cuda"``, ...: where ``model``'s weights live (``cpu`` when it cannot
-    say, e.g. a test double)."""
-    device = getattr(model, "device", None)
-    if device is None and hasattr(model, "parameters"):
-        first = next(iter(model.parameters()), None)
-        device = None if first is None else first.device
-    return getattr(device, "type", None) or (str(device) if device is not None else "cpu")
+    """``"cpu"``, ``"cuda"``, ...: where ``model``'s weights live. A wrapper that holds its
+    network as ``.model`` (the reduced-vocabulary drafter, a verifier server) is looked
+    through; ``cpu`` when nothing says (e.g. a test double)."""
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        device = getattr(model, "device", None)
+        if device is None and callable(getattr(model, "parameters", None)):
+            first = next(iter(model.parameters()), None)
+            device = None if first is None else first.device
+        if device is not None:
+            return getattr(device, "type", None) or str(device)
+        model = getattr(model, "model", None)
+        if model is None:
+            break
+    return "cpu"
 
 
 def compute_clock(model) -> Callable[[], float]:

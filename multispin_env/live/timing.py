@@ -224,6 +224,11 @@ def planning_verification(choice: str, scenario=None):
         raise ValueError(f"--verification-law {choice}: not readable JSON ({err}); {fix}") from None
     if isinstance(doc, dict) and isinstance(doc.get("overrides"), dict):
         doc = doc["overrides"].get("verification")
+    if not isinstance(doc, dict):
+        raise ValueError(f"--verification-law {choice}: holds no law mapping; {fix}")
+    bad = [k for k, v in doc.items() if k != "kind" and not isinstance(v, (int, float))]
+    if bad or any(isinstance(v, bool) for v in doc.values()):
+        raise ValueError(f"--verification-law {choice}: {bad or 'a flag'} must be numbers; {fix}")
     try:
         return build_verification(doc)
     except (ValueError, TypeError) as err:
