@@ -520,8 +520,12 @@ def main(argv=None) -> dict:
     print("\n".join(table))
     print(
         f"learned / tuned ({a.protocol}) live = {summary['learned_vs_tuned_live']:.3f}, "
-        f"learned / tuned sync live = {summary['learned_vs_tuned_sync_live']:.3f}, "
-        f"learned / Hete live = {summary['learned_vs_hete_live']:.3f}; "
+        + (
+            f"learned / tuned sync live = {summary['learned_vs_tuned_sync_live']:.3f}, "
+            if a.protocol != "sync"
+            else ""
+        )
+        + f"learned / Hete live = {summary['learned_vs_hete_live']:.3f}; "
         f"largest sim-vs-live gap {100 * summary['max_abs_sim_gap']:.1f}% (target 10%)"
     )
     if a.runs < 3 or a.rounds < 60:
