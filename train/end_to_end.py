@@ -427,13 +427,14 @@ def main(argv=None) -> dict:
                     alpha_here,  # the schedulers' prior, as the simulator's (its mean)
                 )
             )
+    # the acceptance the warm-ups saw on these prompts, for the simulator's prediction
+    tasks = None if alpha_here is None else calibrated_tasks(PAIRS[a.pair]["preset"], alpha_here)
     rows, per_run = [], {}
     for label, _, controller, protocol in policies:
         runs = live_runs[label]
         env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
         predicted_preset = predicted = simulated_goodput(controller, sim_seeds, env_kwargs, a.pair)
-        if alpha_here is not None:  # the acceptance the warm-ups saw on these prompts
-            tasks = calibrated_tasks(PAIRS[a.pair]["preset"], alpha_here)
+        if tasks is not None:
             predicted = simulated_goodput(
                 controller, sim_seeds, {**env_kwargs, "tasks": tasks}, a.pair
             )

@@ -169,22 +169,19 @@ def scale_verification_law(law: dict, batches: list[dict]) -> dict:
     them (1.33x against 1.05x the idle law, then 1.1x against 1.3x) is larger than any
     shape effect, so one pooled scale is what such data support. Returns the scaled law,
     the scale and the batch sizes it saw."""
+    from multispin_env.verification import build_verification
+
     if not batches:
         raise ValueError("no live verification to fit the law to")
+    idle = build_verification(law)
     ratios, sizes = [], collections.Counter()
     for b in batches:
-        users, longest = int(b["users"]), int(b["longest"])
-        idle = law["t_fix_s"] + users * law["t_user_s"] + users * (longest + 1) * law["t_token_s"]
-        ratios.append(float(b["measured_s"]) / idle)
+        users = int(b["users"])
+        ratios.append(float(b["measured_s"]) / idle.latency_for_batch_s(users, int(b["longest"])))
         sizes[users] += 1
     scale = float(np.median(ratios))
     return {
-        "law": {
-            "kind": "token_aware",
-            "t_fix_s": law["t_fix_s"] * scale,
-            "t_user_s": law["t_user_s"] * scale,
-            "t_token_s": law["t_token_s"] * scale,
-        },
+        "law": {key: value if key == "kind" else value * scale for key, value in law.items()},
         "scale": scale,
         "batches": len(ratios),
         "batch_sizes": {int(k): int(n) for k, n in sorted(sizes.items())},
