@@ -229,6 +229,73 @@ class DrafterSession:
         self.cache = cache_crop(self._proposal_cache, self._base + self._num_pending + fed)
         self.pending = list(committed[fed:])
 
+    # ------------------------------------------------ proactive drafting (SpecEdge)
+    # While its draft is verified, a device drafts its next draft ahead from the guess that
+    # the whole draft is accepted and the verifier's bonus token is the drafter's own top
+    # token there. The guessed context is committed only if the result says so; otherwise
+    # the state from before the guess comes back and the result is committed as usual. An
+    # ahead draft is an ordinary draft (begin / next_token) started early, so the tokens and
+    # PMFs it uploads are those the device would draft after the round message (tested).
+
+    @property
+    def drafted(self) -> int:
+        """Tokens of the current draft so far."""
+        return len(self._tokens)
+
+    def begin_ahead(self, max_tokens: int, uniforms=None) -> bool:
+        """After :meth:`end`: feed the draft's last token, take the drafter's argmax as the
+        guessed bonus token and begin a draft of up to ``max_tokens`` on that guessed context.
+        False (nothing begun) when the draft is empty or its last token was already fed (an
+        early stop measured the next token's confidence with it)."""
+        n = self._length
+        if n < 1 or self._fed >= n:
+            return False
+        saved = (self.cache, self.pending, self._proposal_cache, self._base)
+        self._ahead_saved = (*saved, self._num_pending, self._fed, list(self._tokens[:n]))
+        feed = self._tokens[self._fed : n]
+        logits, caches = self.model.forward_cached([feed], [self._proposal_cache])
+        self._guess = int(torch.argmax(logits[0][-1]))
+        self.cache, self.pending = caches[0], [self._guess]
+        self.begin(max_tokens, uniforms, 0.0)
+        return True
+
+    def resolve_ahead(self, accepted: int, committed: list[int]) -> bool:
+        """The verification result of the draft :meth:`begin_ahead` guessed from. True: the
+        guess held (every token accepted, bonus = guess), the ahead draft goes on from the
+        committed context. False: the guessed state is dropped, the result committed."""
+        cache, pending, proposal, base, num_pending, fed, tokens = self._ahead_saved
+        self._ahead_saved = None
+        if accepted == len(tokens) and list(committed) == tokens + [self._guess]:
+            return True
+        self.cache, self.pending = cache, pending
+        self._proposal_cache, self._base, self._num_pending, self._fed = (
+            proposal,
+            base,
+            num_pending,
+            fed,
+        )
+        self.commit(accepted, committed)
+        return False
+
+    def drop_ahead(self) -> None:
+        """Forget an unresolved guess (its draft got no result): back to the committed
+        state from before it."""
+        if getattr(self, "_ahead_saved", None) is not None:
+            self.cache, self.pending = self._ahead_saved[:2]
+            self._ahead_saved = None
+
+    def finish_ahead(self, length: int) -> Draft:
+        """The round message came: the ahead draft becomes this round's draft of ``length``
+        tokens (cut if more were drafted ahead, else drafted on to ``length``)."""
+        if length < 1:
+            raise ValueError(f"draft length {length} must be >= 1")
+        if self.drafted >= length:
+            return self.end(keep=length)
+        self._length = length
+        while self.next_token() is not None:
+            pass
+        return self.end()
+
 
 @dataclass
 class VerifierServer:
