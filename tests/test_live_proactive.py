@@ -33,8 +33,9 @@ def _fresh_draft(drafter, cfg, context, length, seed):
 
 
 def _same(a, b):
-    """Same tokens and PMFs; the probabilities up to fp16 rounding (near-ties may swap places in the top-k), since a KV cache filled one
-    token at a time and one forward over the whole context round differently."""
+    """Same tokens and PMFs, the probabilities up to fp16 rounding (near-ties may swap
+    places in the top-k): a KV cache filled one token at a time and one forward over the
+    whole context round differently."""
     assert a.tokens == b.tokens
     for row in range(len(a.tokens)):
         dense = [uploaded_distribution(d.q_indices[row], d.q_values[row], VOCAB) for d in (a, b)]
@@ -93,17 +94,27 @@ def test_dropping_an_unresolved_guess_restores_the_committed_state(pair):
     _same(device.propose(3), _fresh_draft(drafter, cfg, [5, 6], 3, 0))
 
 
-def test_no_guess_after_an_early_stop_fed_the_last_token(pair):
-    drafter, _ = pair
+def test_a_guess_after_an_early_stop_or_a_cut(pair):
+    """A draft whose last token is already in the cache (an early stop measured the next
+    token with it; a cut kept fewer tokens than were fed) still guesses from it."""
+    drafter, verifier = pair
     cfg = DecodingConfig(greedy=True, kept_vocab=8)
-    device = DrafterSession(drafter, cfg, np.random.default_rng(0))
-    device.start([5, 6])
-    device.begin(6, None, 0.999)  # stops at the second token: its confidence was measured
-    while device.next_token() is not None:
-        pass
-    device.end()
-    assert device.stopped_early
-    assert not device.begin_ahead(4)
+    for stop, keep in ((0.999, None), (0.0, 2)):
+        prompt = [5, 6]
+        device = DrafterSession(drafter, cfg, np.random.default_rng(0))
+        device.start(prompt)
+        device.begin(6, None, stop)
+        while device.next_token() is not None:
+            pass
+        first = device.end(keep=keep)
+        assert device.begin_ahead(4)
+        device.next_token()
+        server = VerifierServer(verifier, cfg, np.random.default_rng(0))
+        server.add_user(0, prompt)
+        ((m, committed),) = server.verify({0: first}).values()
+        if not device.resolve_ahead(m, committed):
+            device.begin(4)
+        _same(device.finish_ahead(3), _fresh_draft(drafter, cfg, prompt + committed, 3, 0))
 
 
 def test_sampling_with_kept_ahead_tokens_follows_the_verifier(pair):
@@ -141,3 +152,96 @@ def test_sampling_with_kept_ahead_tokens_follows_the_verifier(pair):
     tv_drafter = 0.5 * np.abs(empirical - drafter_expected / n).sum()
     # total variation of ~400 draws: ~ sqrt(support / n) / 2 ~ 0.03; the drafter's is far
     assert tv < 0.08 < tv_drafter
+
+
+# ---------------------------------------------------------------- live, over TCP
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_live_pipeline_with_proactive_drafting_stays_exact(pair, greedy):
+    """Devices draft ahead while their group's draft is verified; greedy output is still the
+    verifier's own, sampled ahead tokens pass the server's seed check, and the ahead tokens
+    are reported and accounted for."""
+    from test_live_protocols import PROMPTS, FixedScheduler, _check_greedy, _play
+
+    _, verifier = pair
+    server, outputs = _play(
+        pair,
+        FixedScheduler(3, groups=2),
+        rounds=8,
+        greedy=greedy,
+        pipeline_groups=2,
+        proactive_drafting=True,
+    )
+    assert not server.protocol_errors
+    if greedy:
+        _check_greedy(server, verifier, outputs)
+    else:
+        for device_id in PROMPTS:
+            assert outputs[device_id] == server.verifier.outputs[device_id]
+    rows = [r for rec in server.records for r in rec.users if r.get("ahead")]
+    assert rows, "no device drafted ahead"
+    for r in rows:
+        assert 1 <= r["ahead"] <= r["drafted"] and 0 <= r["ahead_free"] <= r["ahead"]
+    for rec in server.records:
+        assert rec.timeline_s == pytest.approx(sum(p["phase_s"] for p in rec.phases))
+
+
+def test_ahead_tokens_are_free_only_within_the_wait_on_the_timeline():
+    """The simulator's rule: tokens drafted on the guess fit in the wait since the end of
+    the user's last phase; tokens drafted after the result, in the wait since the result."""
+    from multispin_env.live.rounds import Answer, Assignment, PipelineRound
+
+    class U:
+        device_id = "a"
+
+    piece = PipelineRound(2)
+    piece.phase_end_s["a"], piece.result_at_s["a"] = 1.0, 1.25
+    a = Assignment(U(), 4, 1e6, 3.0, group=0)
+    # on the guess: the wait is 1.5 - 1.0 = 0.5 s, so tokens done by 0.2 and 0.5 s are free
+    guess = Answer(None, 0.1, 0.05, 0.15, ahead_s=(0.2, 0.5, 0.7), ahead_guess=True)
+    piece.charge_ahead(a, guess, start_s=1.5)
+    assert guess.ahead_free == 2
+    assert guess.compute_s == pytest.approx(0.1 + 0.2) and guess.finish_s == pytest.approx(0.35)
+    # after the result: the wait is 1.5 - 1.25 = 0.25 s, one token fits
+    truth = Answer(None, 0.1, 0.05, 0.15, ahead_s=(0.2, 0.5, 0.7), ahead_guess=False)
+    piece.charge_ahead(a, truth, start_s=1.5)
+    assert truth.ahead_free == 1 and truth.compute_s == pytest.approx(0.1 + 0.5)
+    # a user that waits on its own result starts offset_s later: more of the wait
+    a.offset_s = 0.3
+    late = Answer(None, 0.1, 0.05, 0.15, ahead_s=(0.2, 0.5, 0.7), ahead_guess=False)
+    piece.charge_ahead(a, late, start_s=1.5)
+    assert late.ahead_free == 2
+    assert piece.predrafted("b") == 0
+
+
+def test_ahead_fields_are_checked():
+    from multispin_env.live.validation import Rejected, parse_ahead
+
+    assert parse_ahead({}, 3, offered=False) == ((), False)
+    ok = {"ahead": 2, "ahead_compute_s": [0.1, 0.3], "ahead_guess": 1}
+    assert parse_ahead(ok, 3, offered=True) == ((0.1, 0.3), True)
+    bad = [
+        (ok, 3, False, "did not follow a round that offered"),
+        ({**ok, "ahead": 4}, 3, True, "draft.ahead=4"),
+        ({**ok, "ahead": 0}, 3, True, "draft.ahead=0"),
+        ({**ok, "ahead_compute_s": [0.1]}, 3, True, "ahead_compute_s must list 2"),
+        ({**ok, "ahead_compute_s": [0.3, 0.1]}, 3, True, "non-decreasing"),
+        ({**ok, "ahead_compute_s": [0.1, float("nan")]}, 3, True, "non-decreasing"),
+        ({**ok, "ahead_compute_s": [0.1, "x"]}, 3, True, "must hold numbers"),
+        ({**ok, "ahead_guess": 2}, 3, True, "ahead_guess=2"),
+        ({"ahead_guess": 1}, 3, True, "need draft.ahead"),
+    ]
+    for msg, tokens, offered, text in bad:
+        with pytest.raises(Rejected, match=text):
+            parse_ahead(msg, tokens, offered)
+
+
+def test_proactive_drafting_needs_pipelined_groups():
+    from multispin_env.live.server import LiveConfig
+
+    with pytest.raises(ValueError, match="proactive_drafting needs pipelined groups"):
+        LiveConfig(proactive_drafting=True)
+    with pytest.raises(ValueError, match="proactive_drafting needs pipelined groups"):
+        LiveConfig(proactive_drafting=True, pipeline_groups=2, early_stop=True)
+    LiveConfig(proactive_drafting=True, pipeline_groups=2)

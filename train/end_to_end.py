@@ -88,6 +88,7 @@ def live_goodput(
     groups: int = 2,
     verification_law: str = "online",
     alpha_prior: float | None = None,
+    proactive: bool = False,
 ) -> dict:
     from multispin_env.live.cli import live_args, run_live
 
@@ -106,6 +107,7 @@ def live_goodput(
         verification_law=verification_law,
         alpha_prior=alpha_prior,
         csi_error_std=csi_error_std,
+        proactive=proactive and protocol == "pipeline",
     )
     return asyncio.run(run_live(args))
 
@@ -126,9 +128,11 @@ def scenario_kwargs(
     groups: int = 2,
     measured: dict | None = None,
     pair: str = "builtin",
+    proactive: bool = False,
 ) -> dict:
     """The simulator's counterpart of a live run: the pair's scenario, the protocol's
-    switches (live devices do not draft ahead), and its timing: a profile's timing fields,
+    switches (devices draft ahead under pipelining when ``proactive``, as live with
+    ``--proactive``), and its timing: a profile's timing fields,
     or ``measured`` (the overrides :func:`~multispin_env.live.timing.calibrate_here` measured
     on this machine), with an episode horizon of about ``ROUNDS_PER_EPISODE`` rounds."""
     from multispin_env.config import load_preset
@@ -137,7 +141,7 @@ def scenario_kwargs(
 
     kwargs = {"num_users": users, "max_users": 8, **protocol_switches(protocol, groups)}
     if kwargs["pipeline_groups"] > 1:
-        kwargs["proactive_drafting"] = False
+        kwargs["proactive_drafting"] = proactive and protocol == "pipeline"
     profile = parse_timing(timing)
     timing_fields = profile_overrides(profile) if profile is not None else measured
     if timing_fields:
@@ -156,6 +160,7 @@ def timing_here(
     pair: str = "builtin",
     protocol: str = "sync",
     groups: int = 2,
+    proactive: bool = False,
 ) -> dict:
     """Calibrate where we predict (a profile measured on another machine is off by up to 2x
     here), under the load the live runs put on the host, written to ``timing.json``:
@@ -184,14 +189,23 @@ def timing_here(
     for warm_protocol, warm_seed in warmups:
         trace = out / f"trace_warmup_{warm_protocol}.jsonl"
         live_goodput(
-            "hete", users, rounds, warm_seed, str(trace), warm_protocol, pair=pair, groups=groups
+            "hete",
+            users,
+            rounds,
+            warm_seed,
+            str(trace),
+            warm_protocol,
+            pair=pair,
+            groups=groups,
+            proactive=proactive,
         )
         records = [json.loads(line) for line in trace.read_text().splitlines()]
         # the first two records' verifications also fill the caches with the prompts (in a
         # pipelined run, the second cycle's first phase verifies the last group's first draft)
         for index, rec in enumerate(records):
             served = [u for u in rec["users"] if u.get("drafted")]
-            compute += [u["compute_s"] / u["drafted"] for u in served]
+            # (all drafting time: a draft's tokens drafted ahead are in drafting_s)
+            compute += [u.get("drafting_s", u["compute_s"]) / u["drafted"] for u in served]
             for u in served:  # the rule looks at tokens up to the first rejection
                 if "accepted" in u and not u.get("cut"):
                     accepted += u["accepted"]
@@ -280,6 +294,12 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--groups", type=int, default=2, help="pipeline groups (--protocol pipeline)")
     p.add_argument(
+        "--no-proactive",
+        action="store_true",
+        help="--protocol pipeline: devices do not draft ahead while their draft is verified "
+        "(default: they do, live and in the simulator)",
+    )
+    p.add_argument(
         "--timing",
         default="measured",
         help="measured, or profile:PRESET (live and simulator time the round by the preset)",
@@ -339,13 +359,16 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     env_id = PAIRS[a.pair]["env_id"]
+    proactive = a.protocol == "pipeline" and not a.no_proactive
     timing_fields, alpha_here = None, None
     if a.timing == "measured" and not a.no_calibrate:
-        calibration = timing_here(a.users, a.rounds, a.seed, out, a.pair, a.protocol, a.groups)
+        calibration = timing_here(
+            a.users, a.rounds, a.seed, out, a.pair, a.protocol, a.groups, proactive
+        )
         timing_fields, alpha_here = calibration["overrides"], calibration["acceptance"]["alpha"]
     sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields, pair=a.pair)
     protocol_kwargs = scenario_kwargs(
-        a.users, a.protocol, a.timing, a.groups, timing_fields, a.pair
+        a.users, a.protocol, a.timing, a.groups, timing_fields, a.pair, proactive
     )
     if a.csi_error_std > 0:
         sync_kwargs["csi_error_std"] = protocol_kwargs["csi_error_std"] = a.csi_error_std
@@ -425,6 +448,7 @@ def main(argv=None) -> dict:
                     a.groups,
                     planning_law,
                     alpha_here,  # the schedulers' prior, as the simulator's (its mean)
+                    proactive,
                 )
             )
     # the acceptance the warm-ups saw on these prompts, for the simulator's prediction
@@ -493,6 +517,7 @@ def main(argv=None) -> dict:
         "command": "multispin end-to-end " + " ".join(argv or []),
         "pair": a.pair,
         "protocol": a.protocol,
+        "proactive_drafting": proactive,
         "timing": a.timing,
         "csi_error_std": a.csi_error_std,
         "timing_calibrated_here": timing_fields,

@@ -200,6 +200,7 @@ async def run_live(args) -> dict:
         round_timeout_s=args.round_timeout_s,
         auth_token=args.auth_token,
         **resolve_protocol(args, scheduler),
+        proactive_drafting=args.proactive,
         timing=args.timing,
         verification_law=args.verification_law,
         alpha_prior=args.alpha_prior,
@@ -415,6 +416,11 @@ def check_args(args) -> None:
         if folder and not Path(folder).is_dir():
             raise ValueError(f"--{flag.replace('_', '-')} {folder}: no such folder")
     parse_timing(args.timing)  # names the fix
+    if args.proactive and args.protocol is not None and args.protocol != "pipeline":
+        raise ValueError(
+            f"--proactive with --protocol {args.protocol}: devices draft ahead while another "
+            "group works, so it needs --protocol pipeline (without early stop)"
+        )
     if args.verification_law not in ("online", "scenario"):
         planning_verification(args.verification_law)  # a file: readable, and a valid law
     if args.alpha_prior is not None and not (0 < args.alpha_prior < 1):
@@ -497,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--groups", type=at_least(2), default=2, help="pipeline groups (with --protocol pipeline)"
+    )
+    p.add_argument(
+        "--proactive",
+        action="store_true",
+        help="pipelined groups: devices draft their next draft while theirs is verified "
+        "(SpecEdge's proactive drafting; as the simulator's proactive_drafting)",
     )
     p.add_argument(
         "--timing",

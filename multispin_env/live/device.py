@@ -121,6 +121,7 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
     context = drafter.cfg.n_positions
     vocab = drafter.cfg.vocab_size
     committed: list[int] = []
+    reading = None
     try:
         await proto.send_message(writer, proto.message("hello", **hello))
         welcome = await _next(reader, cfg)
@@ -133,9 +134,16 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
             Path(cfg.session_file).write_text(cfg.session)
         committed = list(welcome["committed"])
         session.start(cfg.prompt + committed)
-        last_round = None
+        inbox: asyncio.Queue = asyncio.Queue()
+        reading = asyncio.create_task(_read_into(reader, cfg, inbox))
+        last_round, ahead = None, None
         while True:
-            msg = await _next(reader, cfg)
+            if ahead is not None and ahead.open and inbox.empty():
+                await _draft_ahead_token(session, ahead, clock, cfg)
+                continue
+            msg = await inbox.get()
+            if isinstance(msg, BaseException):
+                raise msg
             kind = msg["type"]
             if kind == "round":
                 # the server keeps drafts within its context; a smaller drafter caps here
@@ -152,20 +160,33 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                     stop = 0.0
                 last_round = msg["round"]
                 rate_bps = msg["bandwidth_hz"] * msg["spectral_eff"]
+                ahead = _usable_ahead(session, ahead, msg, length, stop, cfg)
                 if "deadline_s" in msg:
                     await _stream_draft(
                         session, msg, length, uniforms, stop, rate_bps, vocab, writer, cfg
                     )
                     continue
                 t0 = clock()
-                draft = session.propose(length, uniforms, stop)
+                if ahead is None:
+                    predrafted = 0
+                    draft = session.propose(length, uniforms, stop)
+                else:
+                    predrafted = min(ahead.drafted, length)
+                    draft = session.finish_ahead(length)
                 compute_s = (clock() - t0) * cfg.speed_factor
                 upload_s = draft.payload_bits(vocab, cfg.prob_bits) / max(rate_bps, 1e-9)
                 extra = compute_s * (1 - 1 / cfg.speed_factor) if cfg.speed_factor > 1 else 0.0
                 if "token_time_s" in msg:  # profile timing: the profile's clock, not ours
-                    compute_s = len(draft.tokens) * msg["token_time_s"]
+                    compute_s = (len(draft.tokens) - predrafted) * msg["token_time_s"]
                     upload_s = len(draft.tokens) * msg["upload_bits"] / max(rate_bps, 1e-9)
                     extra = compute_s
+                fields = {}
+                if predrafted:  # drafted before the round message: their own times
+                    fields = {
+                        "ahead": predrafted,
+                        "ahead_compute_s": ahead.cumulative_s[:predrafted],
+                        "ahead_guess": int(ahead.guess),
+                    }
                 await asyncio.sleep((extra + upload_s) * cfg.time_scale)
                 await proto.send_message(
                     writer,
@@ -178,13 +199,20 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                         kept=int(draft.q_indices.shape[1]),
                         compute_s=compute_s,
                         upload_s=upload_s,
+                        **fields,
                     ),
                 )
+                ahead = _begin_ahead(session, msg, stop, clock, cfg)
             elif kind == "result":
                 if msg["round"] != last_round:
                     cfg.log.append(f"ignored result for round {msg['round']}")
                     continue
-                session.commit(msg["accepted"], msg["committed"])
+                if ahead is not None and not ahead.resolved:
+                    ahead.resolved = True
+                    if not session.resolve_ahead(msg["accepted"], msg["committed"]):
+                        ahead.restart(session)  # the guess failed: ahead from the truth
+                else:
+                    session.commit(msg["accepted"], msg["committed"])
                 committed.extend(msg["committed"])
             elif kind == "error":
                 cfg.log.append(f"server error {msg['code']}: {msg['message']}")
@@ -201,8 +229,109 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
     except ConnectionResetError as err:
         raise ServerGone(f"the connection to the server was reset ({err})") from err
     finally:
+        if reading is not None:
+            reading.cancel()
         writer.close()
     return committed
+
+
+@dataclass
+class _Ahead:
+    """A draft being drafted before its round message (proactive drafting).
+
+    ``guess``: drafted on the guess that the previous draft is all accepted with the
+    drafter's top token as bonus (False: on the committed context, after the result).
+    ``resolved``: that draft's result has come. ``cumulative_s``: drafting time up to each
+    ahead token (CPU time x speed factor, or the profile's time per token), reported so that
+    the server counts only what fits in the wait on its timeline."""
+
+    seed: int
+    max_tokens: int
+    uniforms: object
+    guess: bool = True
+    resolved: bool = False
+    open: bool = True
+    token_time_s: float | None = None
+    carry_s: float = 0.0  # the guess's own forward, counted with the first ahead token
+    cumulative_s: list = field(default_factory=list)
+
+    @property
+    def drafted(self) -> int:
+        return len(self.cumulative_s)
+
+    def restart(self, session) -> None:
+        """Draft ahead again, from the committed context (the result is in)."""
+        self.guess, self.open, self.carry_s, self.cumulative_s = False, True, 0.0, []
+        session.begin(self.max_tokens, self.uniforms, 0.0)
+
+
+def _begin_ahead(session, msg, stop, clock, cfg) -> _Ahead | None:
+    """Start drafting the next draft while this one is verified, where the round message
+    asks for it (``ahead_max``, with the next round's ``next_sample_seed``)."""
+    max_tokens = int(msg.get("ahead_max", 0))
+    if max_tokens < 1 or stop > 0 or "next_sample_seed" not in msg:
+        return None
+    from multispin_env.live.speculative import draft_uniforms
+
+    seed = int(msg["next_sample_seed"])
+    uniforms = None if cfg.greedy else draft_uniforms(seed, max_tokens)
+    t0 = clock()
+    if not session.begin_ahead(max_tokens, uniforms):
+        return None
+    return _Ahead(
+        seed,
+        max_tokens,
+        uniforms,
+        token_time_s=msg.get("token_time_s"),
+        carry_s=(clock() - t0) * cfg.speed_factor,
+    )
+
+
+async def _draft_ahead_token(session, ahead: _Ahead, clock, cfg) -> None:
+    """One ahead token, then a turn for the reader (a message may have come)."""
+    t0 = clock()
+    step = session.next_token()
+    spent_s = (clock() - t0) * cfg.speed_factor
+    if step is None:  # as far ahead as allowed
+        ahead.open = False
+        return
+    token_s = ahead.token_time_s if ahead.token_time_s is not None else spent_s + ahead.carry_s
+    ahead.carry_s = 0.0
+    ahead.cumulative_s.append((ahead.cumulative_s[-1] if ahead.cumulative_s else 0.0) + token_s)
+    extra = spent_s * (1 - 1 / cfg.speed_factor) if cfg.speed_factor > 1 else 0.0
+    await asyncio.sleep(extra * cfg.time_scale)
+
+
+def _usable_ahead(session, ahead: _Ahead | None, msg, length, stop, cfg) -> _Ahead | None:
+    """The ahead draft if this round can take it as its start; else it is dropped (a guess
+    whose result never came, another seed, an early stop, a deadline, a longer draft)."""
+    if ahead is None:
+        return None
+    if not ahead.resolved:
+        session.drop_ahead()
+        return None
+    usable = (
+        (cfg.greedy or int(msg["sample_seed"]) == ahead.seed)
+        and length <= ahead.max_tokens
+        and stop == 0
+        and "deadline_s" not in msg
+    )
+    if not usable:
+        cfg.log.append(f"dropped {ahead.drafted} tokens drafted ahead for round {msg['round']}")
+    return ahead if usable else None
+
+
+async def _read_into(reader, cfg: DeviceConfig, inbox: asyncio.Queue) -> None:
+    """Every message but pings into ``inbox``; the error that ends reading goes in last."""
+    while True:
+        try:
+            msg = await _next(reader, cfg)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # noqa: BLE001 (handed to the main loop to raise)
+            inbox.put_nowait(err)
+            return
+        inbox.put_nowait(msg)
 
 
 async def _stream_draft(session, msg, length, uniforms, stop, rate_bps, vocab, writer, cfg):

@@ -32,9 +32,16 @@ round         srv -> dev round, draft_length, bandwidth_hz, spectral_eff, sample
                          reach the server after deadline_s on the round's timeline are not
                          sent), [token_time_s, upload_bits] (profile timing: drafting
                          seconds per token and uploaded bits per token to report and
-                         emulate instead of the measured ones; see live.timing)
+                         emulate instead of the measured ones; see live.timing),
+                         [ahead_max, next_sample_seed] (proactive drafting: while this
+                         draft is verified, draft up to ahead_max tokens of the next one,
+                         with draft_uniforms(next_sample_seed), the next round's seed)
 draft         dev -> srv round, tokens, q_indices (int32 bytes), q_values (fp16 bytes),
-                         kept, compute_s (drafting CPU time x speed factor), upload_s
+                         kept, compute_s (drafting CPU time x speed factor, after the
+                         round message), upload_s, [ahead (the first tokens, drafted
+                         before the round message), ahead_compute_s (drafting time up to
+                         each of them), ahead_guess (1: drafted on the guess that the
+                         previous draft was all accepted, 0: after its result)]
 token         dev -> srv round, index, token, q_indices, q_values (one PMF row),
                          compute_s (drafting time from the round's start to this token)
 draft_end     dev -> srv round, count (tokens streamed), compute_s (all drafting time),
@@ -108,7 +115,10 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
         "deadline_s": (int, float),
         "token_time_s": (int, float),
         "upload_bits": int,
+        "ahead_max": int,
+        "next_sample_seed": int,
     },
+    "draft": {"ahead": int, "ahead_compute_s": list, "ahead_guess": int},
 }
 
 

@@ -25,13 +25,18 @@ model's:
   groups play in the order that puts groups holding such users last (labels are arbitrary:
   each group has the whole band); with groups that stay the same from cycle to cycle (the
   tuned heuristic's ``stable`` knob) no user ever waits, which is what the simulator's cycle
-  assumes. Devices do not draft ahead while they wait (SpecEdge's proactive drafting): the
-  simulator's counterpart of a live run sets ``proactive_drafting=False`` (in the built-in
-  pair's scenarios it scores drafting ahead within 0.1 % of not doing it).
+  assumes. With proactive drafting (``LiveConfig.proactive_drafting``, SpecEdge) a device
+  drafts its next draft while it waits: first on the guess that its draft is all accepted
+  with its own top token as the bonus (kept if the result says so), then, once the result
+  is out, on the committed context. Its next draft reports the time up to each token drafted
+  ahead; as in the simulator's cycle, those drafted on the guess are free within the wait
+  since the end of the user's phase, those drafted after the result within the wait since
+  the result, and the rest count as drafting in the phase (:meth:`PipelineRound.charge_ahead`).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 
@@ -78,6 +83,14 @@ class Answer:
         cut: a deadline cut the draft short.
         round: the wire round it answers (its result names it).
         tokens_drafted: tokens the device drafted, cut ones included.
+        ahead_s: proactive drafting: the drafting time up to each of the draft's first
+            tokens that were drafted before the round message (cumulative seconds).
+        ahead_guess: those tokens were drafted on the guess that the previous draft was all
+            accepted (from the end of the user's phase), not after its result.
+        ahead_free: how many of them fit in the user's wait on the timeline (set by the
+            pipeline piece; the rest count as drafting in the phase).
+        drafting_s: all drafting time of the draft, ahead tokens included (the server's
+            per-token speed estimate); default ``compute_s``.
     """
 
     draft: object
@@ -87,6 +100,14 @@ class Answer:
     cut: bool = False
     round: int = 0
     tokens_drafted: int = 0
+    ahead_s: tuple = ()
+    ahead_guess: bool = False
+    ahead_free: int = 0
+    drafting_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.drafting_s is None:
+            self.drafting_s = self.compute_s
 
 
 @dataclass
@@ -133,6 +154,10 @@ class SynchronousRound:
     def discard(self, device_id: str) -> None:
         """Drop a user's draft still waiting for verification (it rejoined)."""
 
+    def predrafted(self, device_id: str) -> int:
+        """Ahead tokens that came free in the user's last draft (proactive drafting)."""
+        return 0
+
 
 class DeadlineRound(SynchronousRound):
     """Streamed drafts, verified at the deadline with the prefixes received."""
@@ -158,8 +183,14 @@ class PipelineRound:
             raise ValueError(f"pipelined groups: groups={groups} must be >= 2")
         self.groups = groups
         self.carry: tuple[list[Assignment], dict] | None = None  # drafts not yet verified
+        # the run's timeline (proactive drafting): seconds so far, and per user the end of
+        # its last phase, the time its last result was out, its last free ahead tokens
+        self.clock_s = 0.0
+        self.phase_end_s: dict[str, float] = {}
+        self.result_at_s: dict[str, float] = {}
+        self.free_ahead: dict[str, int] = {}
 
-    async def _verify_carry(self, server, played: Played) -> float:
+    async def _verify_carry(self, server, played: Played, start_s: float) -> float:
         if self.carry is None:
             return 0.0
         assignments, answers = self.carry
@@ -167,7 +198,27 @@ class PipelineRound:
         results, verify_s = await server.verify_and_reply(answers)
         played.rows += [server.row(a, answers.get(a.device_id), results, []) for a in assignments]
         played.verify_s += verify_s
+        for device_id in answers:
+            self.result_at_s[device_id] = start_s + verify_s
         return verify_s
+
+    def charge_ahead(self, a: Assignment, answer: Answer, start_s: float) -> None:
+        """Proactive drafting on the timeline, as the simulator's cycle: the ahead tokens
+        drafted on the guess fit in the wait since the end of the user's last phase, those
+        drafted after the result in the wait since the result; the ones that do not fit
+        count as drafting in this phase."""
+        if not answer.ahead_s:
+            return
+        since = (self.phase_end_s if answer.ahead_guess else self.result_at_s).get(a.device_id)
+        wait_s = 0.0 if since is None else max(0.0, start_s + a.offset_s - since)
+        free = bisect.bisect_right(answer.ahead_s, wait_s + 1e-12)
+        charged = answer.ahead_s[-1] - (answer.ahead_s[free - 1] if free else 0.0)
+        answer.compute_s += charged
+        answer.finish_s += charged
+        answer.ahead_free = free
+
+    def predrafted(self, device_id: str) -> int:
+        return self.free_ahead.get(device_id, 0)
 
     def pending_tokens(self, device_id: str | None) -> int:
         """Tokens a draft still waiting for verification may commit: all of it plus the
@@ -205,6 +256,7 @@ class PipelineRound:
 
     async def play(self, server, assignments: list[Assignment]) -> Played:
         played = Played()
+        start_s = self.clock_s
         for g in self.phase_order(assignments):
             members = [a for a in assignments if a.group == g]
             if not members and self.carry is None:
@@ -214,7 +266,7 @@ class PipelineRound:
             for a in members:  # users with a draft in verification start after its result
                 if a.device_id not in waiting:
                     await server.send_round(a)
-            verify_s = await self._verify_carry(server, played)
+            verify_s = await self._verify_carry(server, played, start_s)
             for a in members:
                 if a.device_id in waiting:
                     a.offset_s = verify_s
@@ -228,6 +280,9 @@ class PipelineRound:
                 server.row(a, None, {}, dropped) for a in members if a.device_id not in answers
             ]
             answered = [a for a in members if a.device_id in answers]
+            for a in answered:
+                self.charge_ahead(a, answers[a.device_id], start_s)
+                self.free_ahead[a.device_id] = answers[a.device_id].ahead_free
             self.carry = (answered, answers) if answers else None
             busy = [
                 a.offset_s + answers[a.device_id].finish_s
@@ -245,6 +300,10 @@ class PipelineRound:
                 }
             )
             played.timeline_s += phase_s
+            start_s += phase_s
+            for a in answered:
+                self.phase_end_s[a.device_id] = start_s
+        self.clock_s = start_s
         return played
 
     async def flush(self, server) -> Played | None:
@@ -252,7 +311,8 @@ class PipelineRound:
         if self.carry is None:
             return None
         played = Played()
-        verify_s = await self._verify_carry(server, played)
+        verify_s = await self._verify_carry(server, played, self.clock_s)
+        self.clock_s += verify_s
         played.timeline_s = verify_s
         played.phases.append(
             {"group": None, "draft_upload_s": 0.0, "verify_s": verify_s, "phase_s": verify_s}

@@ -73,6 +73,7 @@ from multispin_env.live.validation import (
     RunLimits,
     check_hello,
     check_stream_token,
+    parse_ahead,
     parse_draft,
     stream_arrivals_s,
 )
@@ -120,6 +121,9 @@ class LiveConfig:
             listening on a non-loopback address).
         early_stop, streaming_deadline, pipeline_groups: the round protocol, as the
             simulator's switches (:mod:`multispin_env.live.rounds`).
+        proactive_drafting: pipelined groups only: devices draft their next draft while
+            their draft is verified (SpecEdge), as the simulator's ``proactive_drafting``;
+            only the ahead tokens that fit in the wait on the timeline come for free.
         timing: ``measured`` (this host's times) or ``profile:PRESET`` (drafting,
             verification and payload from a preset; :mod:`multispin_env.live.timing`).
         verification_law: under measured timing, the verification law the schedulers plan
@@ -159,6 +163,7 @@ class LiveConfig:
     early_stop: bool = False
     streaming_deadline: bool = False
     pipeline_groups: int = 1
+    proactive_drafting: bool = False
     timing: str = "measured"
     verification_law: str = "online"
 
@@ -194,6 +199,11 @@ class LiveConfig:
             raise ValueError(
                 "LiveConfig: streaming_deadline and pipeline_groups > 1 do not combine (as in "
                 "the simulator); pick one"
+            )
+        if self.proactive_drafting and (self.pipeline_groups < 2 or self.early_stop):
+            raise ValueError(
+                "LiveConfig.proactive_drafting needs pipelined groups (pipeline_groups >= 2) "
+                "without early stop: a device drafts ahead while another group works"
             )
         if self.auth_token is not None and len(self.auth_token) < 8:
             raise ValueError("LiveConfig.auth_token must have at least 8 characters")
@@ -273,6 +283,11 @@ class EdgeServer:
         self.protocol_error_count = 0
         self.sample_rng = np.random.default_rng(cfg.seed + 2)  # per-round draft seeds
         self._sample_seeds: dict[str, int] = {}
+        # proactive drafting: each user's next seed, announced with its round message, and
+        # the users whose last round message offered drafting ahead
+        self._next_seeds: dict[str, int] = {}
+        self._ahead_offered: set[str] = set()
+        self._may_ahead: set[str] = set()
         kept = min(cfg.kept_vocab, vocab_size)
         self.limits = RunLimits(vocab_size, int(verifier.cfg.n_positions), kept)
         # frame caps: a hello carries a prompt; a draft at most L_max tokens with their PMFs
@@ -530,6 +545,8 @@ class EdgeServer:
             # a draft of the old connection still waiting for verification is dropped: the
             # welcome carries only what is committed, and the device drafts again from there
             self.round_protocol.discard(device_id)
+            self._next_seeds.pop(device_id, None)
+            self._ahead_offered.discard(device_id)
             user.ended, user.end_reason = False, None
         user.writer, user.disconnected_at, user.missed_rounds = writer, None, 0
         return user
@@ -589,6 +606,7 @@ class EdgeServer:
             if not self.decoding.greedy:  # sampling: the tokens must be the seed's draws
                 uniforms = draft_uniforms(self._sample_seeds[device_id], len(msg["tokens"]))
             draft = parse_draft(msg, self._requested[device_id], self.limits, uniforms)
+            ahead_s, ahead_guess = parse_ahead(msg, len(draft.tokens), device_id in self._may_ahead)
         except Rejected as err:
             await self._reject(user, writer, err)
             return
@@ -600,6 +618,9 @@ class EdgeServer:
             compute_s + upload_s,
             round=self._round,
             tokens_drafted=len(draft.tokens),
+            ahead_s=ahead_s,
+            ahead_guess=ahead_guess,
+            drafting_s=compute_s + (ahead_s[-1] if ahead_s else 0.0),
         )
         self._check_arrived()
 
@@ -724,11 +745,13 @@ class EdgeServer:
         """The env's observation vector ``(1, size)`` for the connected users, built by the
         same builder and history as in simulation (users fill slots 0..K-1 in slot order).
         ``base``: the base heuristic's :class:`~multispin_env.types.Decision`. No device
-        drafts ahead in live mode, so ``predrafted`` is 0."""
+        With proactive drafting, ``predrafted`` is the ahead tokens that came free in the
+        user's last draft (the server learns the current count only with the draft)."""
         spec = self._observation_spec()
         protocol = None
         if spec.levers.any:
-            protocol = {"predrafted": np.zeros((1, len(users)))}
+            free = [self.round_protocol.predrafted(u.device_id) for u in users]
+            protocol = {"predrafted": np.array([free], dtype=np.float64)}
             if base is not None:
                 protocol |= {
                     "base_stop": base.stop_threshold,
@@ -774,6 +797,15 @@ class EdgeServer:
         self._requested = {a.device_id: a.draft_length for a in assignments}
         seeds = self.sample_rng.integers(0, 2**62, size=len(assignments))
         self._sample_seeds = {a.device_id: int(x) for a, x in zip(assignments, seeds, strict=True)}
+        ids = list(self._open)
+        self._may_ahead = self._ahead_offered & set(ids)
+        self._ahead_offered -= set(ids)
+        if self.cfg.proactive_drafting:  # the seed announced last round, and the next one
+            nexts = self.sample_rng.integers(0, 2**62, size=len(ids))
+            for device_id, x in zip(ids, nexts, strict=True):
+                if device_id in self._next_seeds:
+                    self._sample_seeds[device_id] = self._next_seeds[device_id]
+                self._next_seeds[device_id] = int(x)
         self._check_arrived()  # a round nobody is in is over at once
         return self._round
 
@@ -792,6 +824,9 @@ class EdgeServer:
             fields["stop_threshold"] = float(a.stop_threshold)
         if a.deadline_s is not None:  # (clamped to a reportable time in _assign)
             fields["deadline_s"] = float(a.deadline_s)
+        if self.cfg.proactive_drafting:
+            fields["ahead_max"] = int(self.cfg.max_draft_length)
+            fields["next_sample_seed"] = self._next_seeds[a.device_id]
         sent = await self._send(
             a.user.writer,
             proto.message(
@@ -806,6 +841,8 @@ class EdgeServer:
         )
         if not sent:
             self._expected.discard(a.device_id)
+        elif self.cfg.proactive_drafting:
+            self._ahead_offered.add(a.device_id)
         self._check_arrived()
 
     async def collect(self) -> tuple[dict, list, list]:
@@ -897,8 +934,14 @@ class EdgeServer:
             "finish_s": a.offset_s + answer.finish_s,
             "cut": answer.cut,
         }
+        if answer.ahead_s:
+            row |= {
+                "ahead": len(answer.ahead_s),
+                "ahead_free": answer.ahead_free,
+                "drafting_s": answer.drafting_s,
+            }
         if drafted and self.profile is None:
-            per_token_s = answer.compute_s / max(answer.tokens_drafted, 1)
+            per_token_s = answer.drafting_s / max(answer.tokens_drafted, 1)
             u.t_draft_est_s = 0.7 * u.t_draft_est_s + 0.3 * per_token_s
         return row
 

@@ -245,15 +245,17 @@ class DrafterSession:
     def begin_ahead(self, max_tokens: int, uniforms=None) -> bool:
         """After :meth:`end`: feed the draft's last token, take the drafter's argmax as the
         guessed bonus token and begin a draft of up to ``max_tokens`` on that guessed context.
-        False (nothing begun) when the draft is empty or its last token was already fed (an
-        early stop measured the next token's confidence with it)."""
+        False (nothing begun) when the draft is empty."""
         n = self._length
-        if n < 1 or self._fed >= n:
+        if n < 1:
             return False
         saved = (self.cache, self.pending, self._proposal_cache, self._base)
         self._ahead_saved = (*saved, self._num_pending, self._fed, list(self._tokens[:n]))
-        feed = self._tokens[self._fed : n]
-        logits, caches = self.model.forward_cached([feed], [self._proposal_cache])
+        # the cache may hold the last token already (a cut draft, an early stop's forward)
+        # but not the logits after it: feed it again on the cache without it
+        fed = min(self._fed, n - 1)
+        cache = cache_crop(self._proposal_cache, self._base + self._num_pending + fed)
+        logits, caches = self.model.forward_cached([self._tokens[fed:n]], [cache])
         self._guess = int(torch.argmax(logits[0][-1]))
         self.cache, self.pending = caches[0], [self._guess]
         self.begin(max_tokens, uniforms, 0.0)

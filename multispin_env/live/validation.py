@@ -160,6 +160,45 @@ def parse_draft(msg: dict, requested_length: int, limits: RunLimits, uniforms=No
     return Draft(tokens, indices, values)
 
 
+def parse_ahead(msg: dict, tokens: int, offered: bool) -> tuple[tuple[float, ...], bool]:
+    """The proactive part of a ``draft`` message: (drafting time up to each token drafted
+    ahead, drafted on the guess?). ``offered``: the round before offered drafting ahead."""
+    if "ahead" not in msg:
+        if "ahead_compute_s" in msg or "ahead_guess" in msg:
+            raise Rejected("bad_draft", "draft.ahead_compute_s/ahead_guess need draft.ahead")
+        return (), False
+    if not offered:
+        raise Rejected(
+            "bad_draft",
+            "draft.ahead: this round did not follow a round that offered drafting ahead "
+            "(ahead_max); draft after the round message",
+        )
+    count = msg["ahead"]
+    if not 1 <= count <= tokens:
+        raise Rejected("bad_draft", f"draft.ahead={count} must be in 1..{tokens} (the draft)")
+    times = msg.get("ahead_compute_s")
+    if not isinstance(times, list) or len(times) != count:
+        raise Rejected(
+            "bad_draft", f"draft.ahead_compute_s must list {count} times, one per ahead token"
+        )
+    try:
+        cumulative = tuple(float(t) for t in times)
+    except (TypeError, ValueError):
+        raise Rejected("bad_draft", "draft.ahead_compute_s must hold numbers") from None
+    if not all(math.isfinite(t) and 0.0 <= t <= MAX_REPORTED_TIME_S for t in cumulative) or any(
+        b < a for a, b in zip(cumulative, cumulative[1:], strict=False)
+    ):
+        raise Rejected(
+            "bad_draft",
+            "draft.ahead_compute_s must be cumulative seconds: non-decreasing, in "
+            f"[0, {MAX_REPORTED_TIME_S:g}]",
+        )
+    guess = msg.get("ahead_guess", 0)
+    if guess not in (0, 1):  # (an int: the message schema checked the type)
+        raise Rejected("bad_draft", f"draft.ahead_guess={guess!r} must be 0 or 1")
+    return cumulative, bool(guess)
+
+
 def check_stream_token(msg: dict, expected_index: int, requested_length: int, kept: int) -> None:
     """One streamed ``token`` message, in order and of the run's PMF size (its values are
     checked with the whole draft, by :func:`parse_draft`, when the stream ends)."""
