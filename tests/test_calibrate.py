@@ -107,6 +107,58 @@ def test_verification_law_is_scaled_to_live_batches_by_one_robust_scale():
         scale_verification_law(idle, [])
 
 
+def test_the_law_moves_with_the_context_and_the_scale_is_the_hosts():
+    """Verification reads the whole context: the law at context C is the law at the timed
+    context times 1 + per_token (C - C0). Warm-up batches at their own contexts give the
+    host's scale, not the warm-up's context."""
+    from multispin_env.live.timing import context_factor, law_at_context, scale_verification_law
+
+    dependence = {"context_tokens": 150, "per_token": 0.002}
+    assert context_factor(dependence, 150) == 1.0
+    assert context_factor(dependence, 100) == pytest.approx(0.9)
+    assert context_factor(dependence, 10_000) == 4.0 and context_factor(None, 50) == 1.0
+    idle = {"kind": "token_aware", "t_fix_s": 5e-3, "t_user_s": 1e-3, "t_token_s": 2e-4}
+    moved = law_at_context(idle, dependence, 250)
+    assert moved["kind"] == "token_aware"
+    assert moved["t_user_s"] == pytest.approx(1.2e-3) and moved["t_fix_s"] == pytest.approx(6e-3)
+    # a host 1.1x the idle timing, warm-up batches at contexts 60..240
+    batches = []
+    for i, context in enumerate(range(60, 241, 20)):
+        users, longest = (4, 8)[i % 2], 1 + i % 3
+        seconds = 5e-3 + users * 1e-3 + users * (longest + 1) * 2e-4
+        batches.append(
+            {
+                "users": users,
+                "longest": longest,
+                "measured_s": 1.1 * seconds * context_factor(dependence, context),
+                "context_tokens": context,
+            }
+        )
+    assert scale_verification_law(idle, batches, dependence)["scale"] == pytest.approx(1.1)
+    # without the contexts, the warm-up's mean context (150) is taken for the law's
+    assert scale_verification_law(idle, batches)["scale"] == pytest.approx(1.1, rel=0.15)
+
+
+def test_context_dependence_is_a_line_through_timed_contexts(tiny_pair_factory, monkeypatch):
+    """The slope relative to the time at the reference context, from (8, 2) verifications at
+    1/2, 1 and 3/2 of it: exact for a verifier whose time is a line in the context, and
+    measured on a real (tiny) verifier at those contexts."""
+    from multispin_env.live import calibrate, timing
+
+    _, verifier = tiny_pair_factory(48, seed=0)
+    real = timing.context_dependence(verifier, 160, reps=2)
+    assert real["contexts"] == [80, 160, 240] and real["shape"] == [8, 2]
+    assert all(t > 0 for t in real["seconds"]) and np.isfinite(real["per_token"])
+
+    def linear(verifier, users, lengths, context, reps):
+        assert (users, lengths) == ((8,), (2,))
+        return [{"users": 8, "draft_length": 2, "seconds": 4e-3 + 5e-5 * context}]
+
+    monkeypatch.setattr(calibrate, "time_verification", linear)
+    fitted = timing.context_dependence(verifier, 160)
+    assert fitted["per_token"] == pytest.approx(5e-5 / (4e-3 + 5e-5 * 160))
+
+
 def test_the_live_planning_law_is_online_the_scenarios_or_a_files(tmp_path):
     """Under measured timing the live server plans with the law it is given: the scenario's
     (as the simulator's server view), a law file, or an end-to-end timing.json; a bad file

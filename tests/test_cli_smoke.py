@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 
 from multispin_env.cli import main as cli
@@ -84,6 +85,19 @@ def test_end_to_end_smoke(tmp_path, capsys):
         r["sim_preset_acceptance_tokens_per_s"] == r["sim_tokens_per_s"] for r in summary["rows"]
     )
     assert summary["live_verification_law"] == str(tmp_path / "out" / "timing.json")
+    # each policy is predicted, and plans live, with the law at the mean context the
+    # simulator predicts for its run (verification reads the whole context)
+    from multispin_env.live.timing import law_at_context
+
+    assert np.isfinite(timing["context_dependence"]["per_token"])
+    policy_laws = sorted((tmp_path / "out").glob("timing_*_*.json"))
+    assert len(policy_laws) == len(summary["rows"])
+    for path in policy_laws:
+        doc = json.loads(path.read_text())
+        assert doc["context_tokens"] > 48  # the prompt plus half the run's tokens
+        moved = law_at_context(law, timing["context_dependence"], doc["context_tokens"])
+        assert doc["overrides"]["verification"] == pytest.approx(moved)
+    assert all(r["context_tokens_predicted"] > 48 for r in summary["rows"])
     assert (tmp_path / "run" / "bundle" / "policy.onnx").is_file()
     # the bundle is what the gate deployed (64 fresh simulated episodes by default)
     assert summary["gate"]["episodes"] == 64 and summary["gate"]["deployed"] in (

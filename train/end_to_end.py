@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import copy
 import json
 import os
@@ -186,6 +187,7 @@ def timing_here(
     if protocol_switches(protocol, groups)["pipeline_groups"] > 1:
         warmups.append((protocol, seed + 10_001))
     compute, batches, accepted, examined = [], [], 0, 0
+    prompt = PAIRS[pair]["prompt_tokens"]
     for warm_protocol, warm_seed in warmups:
         trace = out / f"trace_warmup_{warm_protocol}.jsonl"
         live_goodput(
@@ -202,7 +204,12 @@ def timing_here(
         records = [json.loads(line) for line in trace.read_text().splitlines()]
         # the first two records' verifications also fill the caches with the prompts (in a
         # pipelined run, the second cycle's first phase verifies the last group's first draft)
+        committed: dict[str, int] = collections.defaultdict(int)
         for index, rec in enumerate(records):
+            # the users' mean context when this record's verifications ran
+            context = prompt + (float(np.mean(list(committed.values()))) if committed else 0.0)
+            for u in rec["users"]:
+                committed[u["device_id"]] += u.get("committed", 0)
             served = [u for u in rec["users"] if u.get("drafted")]
             # (all drafting time: a draft's tokens drafted ahead are in drafting_s)
             compute += [u.get("drafting_s", u["compute_s"]) / u["drafted"] for u in served]
@@ -211,8 +218,9 @@ def timing_here(
                     accepted += u["accepted"]
                     examined += u["accepted"] + (u["accepted"] < u["drafted"])
             if index >= 2 or len(records) <= 4:
-                batches += rec["batches"]
-    fit = scale_verification_law(shape["overrides"]["verification"], batches)
+                batches += [{**b, "context_tokens": context} for b in rec["batches"]]
+    dependence = shape["context_dependence"]
+    fit = scale_verification_law(shape["overrides"]["verification"], batches, dependence)
     overrides = {"t_draft_mean_s": float(np.median(compute)), "verification": fit["law"]}
     record = {
         "overrides": overrides,
@@ -225,6 +233,8 @@ def timing_here(
             "tokens_examined": examined,
         },
         "idle_shape": shape,
+        # the law above is at the idle grid's context; law_at_context moves it
+        "context_dependence": dependence,
         "verification_fit": {key: value for key, value in fit.items() if key != "law"},
         "warmups": [
             {"scheduler": "hete", "protocol": p, "rounds": rounds, "seed": s} for p, s in warmups
@@ -241,6 +251,47 @@ def timing_here(
         f"{fit['scale']:.2f})"
     )
     return record
+
+
+def policy_timing(
+    label, scheduler, controller, protocol, env_kwargs, tasks, seeds, calibration, a, proactive, out
+) -> dict:
+    """A policy's timing for its prediction and its live runs: the calibrated law moved to
+    the mean context the simulator predicts for the policy's run (verification reads the
+    whole context, and a policy that commits 1.6 tokens a round verifies over contexts about
+    a third shorter than one that commits 3). The simulator predicts the policy's tokens per
+    user and round with the law at the calibration's context; the run's mean context is
+    then the prompt plus half the run's tokens. The live schedulers plan with the same law
+    (``timing_<policy>.json``), as the simulator's server view holds it."""
+    from multispin_env.live.timing import context_factor, law_at_context
+    from multispin_eval.harness import run_episodes
+
+    fields = calibration["overrides"]
+    probe = env_kwargs if tasks is None else {**env_kwargs, "tasks": tasks}
+    metrics = run_episodes(controller, PAIRS[a.pair]["env_id"], seeds, env_kwargs=probe)
+    per_user_round = float(np.mean(metrics.goodput * metrics.mean_round_s)) / a.users
+    context = PAIRS[a.pair]["prompt_tokens"] + per_user_round * a.rounds / 2
+    dependence = calibration["context_dependence"]
+    moved = {**fields, "verification": law_at_context(fields["verification"], dependence, context)}
+    kwargs = scenario_kwargs(a.users, protocol, a.timing, a.groups, moved, a.pair, proactive)
+    if a.csi_error_std > 0:
+        kwargs["csi_error_std"] = a.csi_error_std
+    name = scheduler.split(":")[0].split("[")[0]
+    path = out / f"timing_{name}_{protocol}.json"
+    doc = {
+        "policy": label,
+        "overrides": moved,
+        "context_tokens": context,
+        "context_factor": context_factor(dependence, context),
+        "tokens_per_user_round": per_user_round,
+    }
+    path.write_text(json.dumps(doc, indent=2, default=_plain))
+    return {
+        "env_kwargs": kwargs,
+        "planning_law": str(path),
+        "context_tokens": context,
+        "context_factor": doc["context_factor"],
+    }
 
 
 def calibrated_tasks(preset: str, alpha: float) -> list[dict]:
@@ -360,7 +411,7 @@ def main(argv=None) -> dict:
 
     env_id = PAIRS[a.pair]["env_id"]
     proactive = a.protocol == "pipeline" and not a.no_proactive
-    timing_fields, alpha_here = None, None
+    timing_fields, alpha_here, calibration = None, None, None
     if a.timing == "measured" and not a.no_calibrate:
         calibration = timing_here(
             a.users, a.rounds, a.seed, out, a.pair, a.protocol, a.groups, proactive
@@ -427,6 +478,17 @@ def main(argv=None) -> dict:
     # live, the schedulers plan with the law the simulator's server view holds (else the
     # live server fits its own as it goes, and a policy decides otherwise than simulated)
     planning_law = str(out / "timing.json") if timing_fields else "scenario"
+    # the acceptance the warm-ups saw on these prompts, for the simulator's prediction
+    tasks = None if alpha_here is None else calibrated_tasks(PAIRS[a.pair]["preset"], alpha_here)
+    setups = {}
+    for label, scheduler, controller, protocol in policies:
+        env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
+        setups[label] = {"env_kwargs": env_kwargs, "planning_law": planning_law}
+        if timing_fields and calibration.get("context_dependence"):
+            setups[label] = policy_timing(
+                label, scheduler, controller, protocol, env_kwargs, tasks, sim_seeds,
+                calibration, a, proactive, out,
+            )  # fmt: skip
     # run-major order (run 0 of every policy, then run 1, ...): this host's speed drifts by
     # 10-30% over minutes, and a policy whose runs came back to back took all of one stretch
     live_runs = {label: [] for label, *_ in policies}
@@ -446,17 +508,15 @@ def main(argv=None) -> dict:
                     a.csi_error_std,
                     a.pair,
                     a.groups,
-                    planning_law,
+                    setups[label]["planning_law"],
                     alpha_here,  # the schedulers' prior, as the simulator's (its mean)
                     proactive,
                 )
             )
-    # the acceptance the warm-ups saw on these prompts, for the simulator's prediction
-    tasks = None if alpha_here is None else calibrated_tasks(PAIRS[a.pair]["preset"], alpha_here)
     rows, per_run = [], {}
     for label, _, controller, protocol in policies:
         runs = live_runs[label]
-        env_kwargs = protocol_kwargs if protocol == a.protocol else sync_kwargs
+        env_kwargs = setups[label]["env_kwargs"]
         predicted_preset = predicted = simulated_goodput(controller, sim_seeds, env_kwargs, a.pair)
         if tasks is not None:
             predicted = simulated_goodput(
@@ -469,6 +529,8 @@ def main(argv=None) -> dict:
                 "policy": label,
                 "protocol": protocol,
                 "live_tokens_per_s": float(measured.mean()),
+                "context_tokens_predicted": setups[label].get("context_tokens"),
+                "law_context_factor": setups[label].get("context_factor"),
                 "live_runs_tokens_per_s": measured.tolist(),
                 "live_wall_tokens_per_s": float(
                     np.mean([run["goodput_wall_tokens_per_s"] for run in runs])

@@ -130,6 +130,7 @@ def calibrate_here(
         if procs:
             time.sleep(3.0)  # let the load processes load their model and start drafting
         rows = time_verification(pair.verifier, context=context_tokens, reps=reps)
+        by_context = context_dependence(pair.verifier, context_tokens, reps=reps)
     finally:
         for p in procs:
             p.terminate()
@@ -148,6 +149,7 @@ def calibrate_here(
         "drafter_per_token": drafter,
         "verification_fit": fit,
         "verification_rows": rows,
+        "context_dependence": by_context,
         "load_processes": load_processes,
         "context_tokens": context_tokens,
         "host": {"machine": platform.machine(), "processor": platform.processor()},
@@ -155,7 +157,52 @@ def calibrate_here(
     }
 
 
-def scale_verification_law(law: dict, batches: list[dict]) -> dict:
+CONTEXT_SHAPE = (8, 2)  # users x draft length of the verifications timed across contexts
+
+
+def context_dependence(verifier, context_tokens: int, reps: int = 7) -> dict:
+    """How verification time grows with the users' context (attention reads the whole KV
+    cache): a (8 users, L = 2) verification timed at 1/2, 1 and 3/2 of ``context_tokens``,
+    fitted by a line. ``per_token`` is its slope relative to the time at
+    ``context_tokens``: the law at context C is the law at ``context_tokens`` times
+    :func:`context_factor`. Policies that commit fewer tokens per round verify over
+    shorter contexts, and a law timed at one context mispredicts them (the built-in
+    verifier takes 0.78x at 96 tokens what it takes at 160)."""
+    from multispin_env.live.calibrate import time_verification
+
+    users, length = CONTEXT_SHAPE
+    contexts = sorted({max(8, int(round(context_tokens * f))) for f in (0.5, 1.0, 1.5)})
+    seconds = [
+        time_verification(verifier, (users,), (length,), context=c, reps=reps)[0]["seconds"]
+        for c in contexts
+    ]
+    slope, intercept = np.polyfit(contexts, seconds, 1)
+    at_ref = intercept + slope * context_tokens
+    return {
+        "contexts": contexts,
+        "seconds": seconds,
+        "shape": list(CONTEXT_SHAPE),
+        "context_tokens": context_tokens,
+        "per_token": float(slope / at_ref),
+    }
+
+
+def context_factor(dependence: dict | None, context_tokens: float) -> float:
+    """Verification time at ``context_tokens`` over the time at the context the law was
+    timed at (1 without a measured dependence), kept within [0.25, 4]."""
+    if not dependence:
+        return 1.0
+    change = context_tokens - dependence["context_tokens"]
+    return float(np.clip(1.0 + dependence["per_token"] * change, 0.25, 4.0))
+
+
+def law_at_context(law: dict, dependence: dict | None, context_tokens: float) -> dict:
+    """A verification law (``kind`` plus seconds) moved to another context."""
+    factor = context_factor(dependence, context_tokens)
+    return {key: value if key == "kind" else value * factor for key, value in law.items()}
+
+
+def scale_verification_law(law: dict, batches: list[dict], dependence: dict | None = None) -> dict:
     """Scale a token-aware verification law measured idle (``law``: ``t_fix_s``,
     ``t_user_s``, ``t_token_s``) to verifications timed in live runs (``batches``:
     ``users``, ``longest``, ``measured_s``, as the live trace records them).
@@ -167,8 +214,11 @@ def scale_verification_law(law: dict, batches: list[dict]) -> dict:
     part apart was tried: warm-ups of 8-user and 4-user batches a minute apart put the split
     at 0.34 / 1.64 in one run and 2.16 / 0.74 in the next, since the host's drift between
     them (1.33x against 1.05x the idle law, then 1.1x against 1.3x) is larger than any
-    shape effect, so one pooled scale is what such data support. Returns the scaled law,
-    the scale and the batch sizes it saw."""
+    shape effect, so one pooled scale is what such data support. With ``dependence``
+    (:func:`context_dependence`) and a ``context_tokens`` per batch, each batch is compared
+    with the idle law at its own context, so the scale is the host's and not the warm-up's
+    context. Returns the scaled law (at the idle law's context), the scale and the batch
+    sizes it saw."""
     from multispin_env.verification import build_verification
 
     if not batches:
@@ -177,7 +227,10 @@ def scale_verification_law(law: dict, batches: list[dict]) -> dict:
     ratios, sizes = [], collections.Counter()
     for b in batches:
         users = int(b["users"])
-        ratios.append(float(b["measured_s"]) / idle.latency_for_batch_s(users, int(b["longest"])))
+        expected = idle.latency_for_batch_s(users, int(b["longest"]))
+        if "context_tokens" in b:
+            expected *= context_factor(dependence, float(b["context_tokens"]))
+        ratios.append(float(b["measured_s"]) / expected)
         sizes[users] += 1
     scale = float(np.median(ratios))
     return {
