@@ -141,13 +141,13 @@ def test_the_law_moves_with_the_context_and_the_scale_is_the_hosts():
 
 def test_context_dependence_is_a_line_through_timed_contexts(tiny_pair_factory, monkeypatch):
     """The slope relative to the time at the reference context, from (8, 2) verifications at
-    1/2, 1 and 3/2 of it: exact for a verifier whose time is a line in the context, and
+    1/2 to 3/2 of it: exact for a verifier whose time is a line in the context, and
     measured on a real (tiny) verifier at those contexts."""
     from multispin_env.live import calibrate, timing
 
     _, verifier = tiny_pair_factory(48, seed=0)
     real = timing.context_dependence(verifier, 160, reps=2)
-    assert real["contexts"] == [80, 160, 240] and real["shape"] == [8, 2]
+    assert real["contexts"] == [80, 120, 160, 200, 240] and real["shape"] == [8, 2]
     assert all(t > 0 for t in real["seconds"]) and np.isfinite(real["per_token"])
 
     def linear(verifier, users, lengths, context, reps):
@@ -157,6 +157,15 @@ def test_context_dependence_is_a_line_through_timed_contexts(tiny_pair_factory, 
     monkeypatch.setattr(calibrate, "time_verification", linear)
     fitted = timing.context_dependence(verifier, 160)
     assert fitted["per_token"] == pytest.approx(5e-5 / (4e-3 + 5e-5 * 160))
+    # a hiccup at one context does not move the line
+
+    def hiccup(verifier, users, lengths, context, reps):
+        seconds = 4e-3 + 5e-5 * context
+        return [{"users": 8, "draft_length": 2, "seconds": seconds * (2 if context == 240 else 1)}]
+
+    monkeypatch.setattr(calibrate, "time_verification", hiccup)
+    robust = timing.context_dependence(verifier, 160)
+    assert robust["per_token"] == pytest.approx(5e-5 / (4e-3 + 5e-5 * 160))
 
 
 def test_the_live_planning_law_is_online_the_scenarios_or_a_files(tmp_path):
@@ -213,3 +222,20 @@ def test_calibrated_tasks_keep_the_categories_and_move_their_mean():
     ratios = [t["alpha_mean"] / p.alpha_mean for t, p in zip(tasks, preset, strict=True)]
     assert np.ptp(ratios) < 1e-12  # one scale for every category
     assert load_preset("demo-pair-cpu", tasks=tasks).tasks[0].alpha_mean == tasks[0]["alpha_mean"]
+
+
+def test_each_protocol_takes_its_own_warm_ups_drafting_time():
+    """8 devices draft at once in a synchronous round, one group when pipelined, and their
+    CPU time per token differs: a policy is timed with its protocol's warm-up."""
+    from multispin_train.end_to_end import timing_for
+
+    law = {"kind": "token_aware", "t_fix_s": 5e-3, "t_user_s": 1e-3, "t_token_s": 2e-4}
+    calibration = {
+        "overrides": {"t_draft_mean_s": 2.0e-3, "verification": law},
+        "drafting_by_protocol": {"sync": 2.5e-3, "pipeline": 2.0e-3},
+    }
+    assert timing_for(calibration, "sync")["t_draft_mean_s"] == 2.5e-3
+    assert timing_for(calibration, "pipeline")["t_draft_mean_s"] == 2.0e-3
+    assert timing_for(calibration, "deadline")["t_draft_mean_s"] == 2.5e-3  # all at once
+    assert timing_for(calibration, "sync")["verification"] == law
+    assert calibration["overrides"]["t_draft_mean_s"] == 2.0e-3  # the caller's stays

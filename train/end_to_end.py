@@ -186,7 +186,7 @@ def timing_here(
     warmups = [("sync", seed + 10_000)]
     if protocol_switches(protocol, groups)["pipeline_groups"] > 1:
         warmups.append((protocol, seed + 10_001))
-    compute, batches, accepted, examined = [], [], 0, 0
+    compute, batches, accepted, examined = collections.defaultdict(list), [], 0, 0
     prompt = PAIRS[pair]["prompt_tokens"]
     for warm_protocol, warm_seed in warmups:
         trace = out / f"trace_warmup_{warm_protocol}.jsonl"
@@ -212,7 +212,9 @@ def timing_here(
                 committed[u["device_id"]] += u.get("committed", 0)
             served = [u for u in rec["users"] if u.get("drafted")]
             # (all drafting time: a draft's tokens drafted ahead are in drafting_s)
-            compute += [u.get("drafting_s", u["compute_s"]) / u["drafted"] for u in served]
+            compute[warm_protocol] += [
+                u.get("drafting_s", u["compute_s"]) / u["drafted"] for u in served
+            ]
             for u in served:  # the rule looks at tokens up to the first rejection
                 if "accepted" in u and not u.get("cut"):
                     accepted += u["accepted"]
@@ -221,7 +223,11 @@ def timing_here(
                 batches += [{**b, "context_tokens": context} for b in rec["batches"]]
     dependence = shape["context_dependence"]
     fit = scale_verification_law(shape["overrides"]["verification"], batches, dependence)
-    overrides = {"t_draft_mean_s": float(np.median(compute)), "verification": fit["law"]}
+    # a device's CPU time per token depends on how many draft at once (8 in a synchronous
+    # round, one group when pipelined: 2.4-2.7 against 1.8-2.0 ms here), so each protocol
+    # takes its own warm-up's
+    drafting = {p: float(np.median(times)) for p, times in compute.items()}
+    overrides = {"t_draft_mean_s": drafting[warmups[-1][0]], "verification": fit["law"]}
     record = {
         "overrides": overrides,
         # the pair's acceptance on the runs' prompts (other seeds): per token the rule
@@ -232,6 +238,7 @@ def timing_here(
             else None,
             "tokens_examined": examined,
         },
+        "drafting_by_protocol": drafting,
         "idle_shape": shape,
         # the law above is at the idle grid's context; law_at_context moves it
         "context_dependence": dependence,
@@ -253,6 +260,17 @@ def timing_here(
     return record
 
 
+def timing_for(calibration: dict, protocol: str) -> dict:
+    """The calibrated overrides with the drafting time of ``protocol``'s own warm-up (the
+    synchronous one for a protocol without a warm-up of its own)."""
+    drafting = calibration.get("drafting_by_protocol", {})
+    t_draft = drafting.get(protocol, drafting.get("sync"))
+    fields = copy.deepcopy(calibration["overrides"])
+    if t_draft is not None:
+        fields["t_draft_mean_s"] = t_draft
+    return fields
+
+
 def policy_timing(
     label, scheduler, controller, protocol, env_kwargs, tasks, seeds, calibration, a, proactive, out
 ) -> dict:
@@ -266,7 +284,7 @@ def policy_timing(
     from multispin_env.live.timing import context_factor, law_at_context
     from multispin_eval.harness import run_episodes
 
-    fields = calibration["overrides"]
+    fields = timing_for(calibration, protocol)
     probe = env_kwargs if tasks is None else {**env_kwargs, "tasks": tasks}
     metrics = run_episodes(controller, PAIRS[a.pair]["env_id"], seeds, env_kwargs=probe)
     per_user_round = float(np.mean(metrics.goodput * metrics.mean_round_s)) / a.users
@@ -417,7 +435,8 @@ def main(argv=None) -> dict:
             a.users, a.rounds, a.seed, out, a.pair, a.protocol, a.groups, proactive
         )
         timing_fields, alpha_here = calibration["overrides"], calibration["acceptance"]["alpha"]
-    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=timing_fields, pair=a.pair)
+    sync_fields = timing_fields and timing_for(calibration, "sync")
+    sync_kwargs = scenario_kwargs(a.users, "sync", a.timing, measured=sync_fields, pair=a.pair)
     protocol_kwargs = scenario_kwargs(
         a.users, a.protocol, a.timing, a.groups, timing_fields, a.pair, proactive
     )

@@ -162,8 +162,8 @@ CONTEXT_SHAPE = (8, 2)  # users x draft length of the verifications timed across
 
 def context_dependence(verifier, context_tokens: int, reps: int = 7) -> dict:
     """How verification time grows with the users' context (attention reads the whole KV
-    cache): a (8 users, L = 2) verification timed at 1/2, 1 and 3/2 of ``context_tokens``,
-    fitted by a line. ``per_token`` is its slope relative to the time at
+    cache): a (8 users, L = 2) verification timed at 1/2 to 3/2 of ``context_tokens``,
+    fitted by a robust line. ``per_token`` is its slope relative to the time at
     ``context_tokens``: the law at context C is the law at ``context_tokens`` times
     :func:`context_factor`. Policies that commit fewer tokens per round verify over
     shorter contexts, and a law timed at one context mispredicts them (the built-in
@@ -171,12 +171,24 @@ def context_dependence(verifier, context_tokens: int, reps: int = 7) -> dict:
     from multispin_env.live.calibrate import time_verification
 
     users, length = CONTEXT_SHAPE
-    contexts = sorted({max(8, int(round(context_tokens * f))) for f in (0.5, 1.0, 1.5)})
+    fractions = (0.5, 0.75, 1.0, 1.25, 1.5)
+    contexts = sorted({max(8, int(round(context_tokens * f))) for f in fractions})
     seconds = [
         time_verification(verifier, (users,), (length,), context=c, reps=reps)[0]["seconds"]
         for c in contexts
     ]
-    slope, intercept = np.polyfit(contexts, seconds, 1)
+    # Theil-Sen (the median of the pairwise slopes): a host hiccup that outlasts one
+    # point's repetitions moves that point, not the line
+    slope = float(
+        np.median(
+            [
+                (seconds[j] - seconds[i]) / (contexts[j] - contexts[i])
+                for i in range(len(contexts))
+                for j in range(i + 1, len(contexts))
+            ]
+        )
+    )
+    intercept = float(np.median(np.array(seconds) - slope * np.array(contexts)))
     at_ref = intercept + slope * context_tokens
     return {
         "contexts": contexts,
