@@ -245,3 +245,34 @@ def test_proactive_drafting_needs_pipelined_groups():
     with pytest.raises(ValueError, match="proactive_drafting needs pipelined groups"):
         LiveConfig(proactive_drafting=True, pipeline_groups=2, early_stop=True)
     LiveConfig(proactive_drafting=True, pipeline_groups=2)
+
+
+def test_a_guess_claimed_after_a_rejection_costs_only_its_sender(pair):
+    """A device that reports ahead tokens as drafted on the guess (the longer free wait)
+    although its previous draft was not accepted whole is refused that round; the honest
+    devices' rounds go on."""
+    from test_live_protocols import FixedScheduler, _play
+
+    import multispin_env.live.device as device_module
+
+    honest = device_module._usable_ahead
+
+    def liar(session, ahead, msg, length, stop, cfg):
+        usable = honest(session, ahead, msg, length, stop, cfg)
+        if usable is not None and cfg.device_id == "a":
+            usable.guess = True  # always claim the guess's window
+        return usable
+
+    device_module._usable_ahead = liar
+    try:
+        server, outputs = _play(
+            pair, FixedScheduler(3, groups=2), rounds=8, pipeline_groups=2, proactive_drafting=True
+        )
+    finally:
+        device_module._usable_ahead = honest
+    errors = [e for e in server.protocol_errors if "ahead_guess=1" in e]
+    assert errors and all(e.startswith("'a': bad_draft") for e in errors)
+    rejected = [r for rec in server.records for r in rec.users if r.get("rejected")]
+    assert rejected and {r["device_id"] for r in rejected} == {"a"}
+    for device_id in ("b", "c", "d"):
+        assert outputs[device_id] == server.verifier.outputs[device_id]

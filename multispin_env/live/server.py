@@ -288,6 +288,7 @@ class EdgeServer:
         self._next_seeds: dict[str, int] = {}
         self._ahead_offered: set[str] = set()
         self._may_ahead: set[str] = set()
+        self._whole_accepted: dict[str, bool] = {}
         kept = min(cfg.kept_vocab, vocab_size)
         self.limits = RunLimits(vocab_size, int(verifier.cfg.n_positions), kept)
         # frame caps: a hello carries a prompt; a draft at most L_max tokens with their PMFs
@@ -607,6 +608,12 @@ class EdgeServer:
                 uniforms = draft_uniforms(self._sample_seeds[device_id], len(msg["tokens"]))
             draft = parse_draft(msg, self._requested[device_id], self.limits, uniforms)
             ahead_s, ahead_guess = parse_ahead(msg, len(draft.tokens), device_id in self._may_ahead)
+            if ahead_guess and not self._whole_accepted.get(device_id, False):
+                raise Rejected(
+                    "bad_draft",
+                    "draft.ahead_guess=1, but the previous draft was not accepted whole, so "
+                    "tokens drafted on that guess were dropped; report ahead_guess=0",
+                )
         except Rejected as err:
             await self._reject(user, writer, err)
             return
@@ -899,6 +906,8 @@ class EdgeServer:
         self._batches.append(batch | {"verify_s": verify_s, "wall_s": wall_s})
         for device_id, (m, committed) in results.items():
             user = self.users[device_id]
+            # drafting ahead on the guess can hold only after a draft accepted whole
+            self._whole_accepted[device_id] = m == len(drafts[device_id].tokens)
             # if this fails, it is committed on the server; the device gets it on rejoin
             await self._send(
                 user.writer,
