@@ -229,6 +229,8 @@ def test_ahead_fields_are_checked():
         ({**ok, "ahead_compute_s": [0.3, 0.1]}, 3, True, "non-decreasing"),
         ({**ok, "ahead_compute_s": [0.1, float("nan")]}, 3, True, "non-decreasing"),
         ({**ok, "ahead_compute_s": [0.1, "x"]}, 3, True, "must hold numbers"),
+        ({**ok, "ahead_compute_s": ["0.1", "0.3"]}, 3, True, "must hold numbers"),
+        ({**ok, "ahead_compute_s": [False, True]}, 3, True, "must hold numbers"),
         ({**ok, "ahead_guess": 2}, 3, True, "ahead_guess=2"),
         ({"ahead_guess": 1}, 3, True, "need draft.ahead"),
     ]
@@ -276,3 +278,88 @@ def test_a_guess_claimed_after_a_rejection_costs_only_its_sender(pair):
     assert rejected and {r["device_id"] for r in rejected} == {"a"}
     for device_id in ("b", "c", "d"):
         assert outputs[device_id] == server.verifier.outputs[device_id]
+
+
+@pytest.mark.parametrize("mode", ["rejected", "dropped"])
+def test_no_guess_is_taken_after_a_draft_that_was_not_verified(mode):
+    """A draft accepted whole, then one rejected (or dropped as late): a guess claimed on
+    the next draft is refused, since the last draft was not accepted whole."""
+    import asyncio
+
+    from conftest import make_tiny_pair
+    from test_live_protocols_adversarial import (
+        VOCAB as ADV_VOCAB,
+    )
+    from test_live_protocols_adversarial import (
+        Raw,
+        Scheduler,
+        _honest,
+        _server,
+        continuation,
+        draft_msg,
+    )
+
+    drafter, verifier = make_tiny_pair(ADV_VOCAB, seed=2)
+    prompt = [3, 4]
+
+    async def scenario():
+        server = _server(
+            verifier,
+            Scheduler(3, groups=2),
+            pipeline_groups=2,
+            proactive_drafting=True,
+            round_timeout_s=0.5,
+        )
+        port = await server.start()
+        _, good = _honest(port, "good", [1, 2], drafter)
+        await server.wait_for_users(1)
+        bad = await Raw.join(port, "bad", prompt)
+        await server.wait_for_users(2)
+        replies = []
+
+        async def driver():
+            rnd = await bad.next_of("round")  # accepted whole: the verifier's continuation
+            tokens = continuation(server, verifier, "bad", prompt, 3)
+            await bad.send(draft_msg(rnd["round"], tokens))
+            replies.append((await bad.next_of("result"))["accepted"])
+            rnd = await bad.next_of("round")
+            if mode == "rejected":
+                await bad.send(draft_msg(rnd["round"], [5, 5, 5]) | {"kept": 3})
+                await bad.next_of("error")
+            rnd = await bad.next_of("round")
+            tokens = continuation(server, verifier, "bad", prompt, 3)
+            claim = {"ahead": 3, "ahead_compute_s": [1e-4, 2e-4, 3e-4], "ahead_guess": 1}
+            await bad.send(draft_msg(rnd["round"], tokens, compute_s=0.0) | claim)
+            replies.append(await bad.next_of("error", "result"))
+
+        task = asyncio.create_task(driver())
+        for _ in range(4):
+            await server.play_round()
+        await server.flush()
+        await asyncio.wait_for(task, 10)
+        bad.close()
+        await server.stop(grace_s=1.0)
+        await good
+        return replies
+
+    accepted, claim_reply = asyncio.run(scenario())
+    assert accepted == 3
+    assert claim_reply["type"] == "error" and "ahead_guess=1" in claim_reply["message"]
+
+
+def test_devices_drafting_ahead_stop_at_the_drafters_context():
+    """Near the context limit an ahead draft is cut to the drafter's room: the run ends its
+    requests cleanly (context_full) and stays exact."""
+    from conftest import make_tiny_pair
+    from test_live_protocols import FixedScheduler, _check_greedy, _play
+
+    small = make_tiny_pair(VOCAB, seed=1, noise=0.2, n_positions=24)
+    server, outputs = _play(
+        small,
+        FixedScheduler(3, groups=2),
+        rounds=14,
+        pipeline_groups=2,
+        proactive_drafting=True,
+    )
+    _check_greedy(server, small[1], outputs)
+    assert any(u.end_reason == "context_full" for u in server.users.values())

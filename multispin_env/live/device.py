@@ -202,18 +202,23 @@ async def run_device(cfg: DeviceConfig, drafter=None) -> list[int]:
                         **fields,
                     ),
                 )
-                ahead = _begin_ahead(session, msg, stop, clock, cfg)
+                # the drafter's context after this draft and the guessed bonus token
+                room = context - len(cfg.prompt) - len(committed) - len(draft.tokens) - 1
+                ahead = _begin_ahead(session, msg, stop, clock, cfg, room)
             elif kind == "result":
                 if msg["round"] != last_round:
                     cfg.log.append(f"ignored result for round {msg['round']}")
                     continue
+                committed.extend(msg["committed"])
                 if ahead is not None and not ahead.resolved:
                     ahead.resolved = True
                     if not session.resolve_ahead(msg["accepted"], msg["committed"]):
-                        ahead.restart(session)  # the guess failed: ahead from the truth
+                        # the guess failed: ahead from the truth, within the context left
+                        room = context - len(cfg.prompt) - len(committed)
+                        if not ahead.restart(session, room):
+                            ahead = None
                 else:
                     session.commit(msg["accepted"], msg["committed"])
-                committed.extend(msg["committed"])
             elif kind == "error":
                 cfg.log.append(f"server error {msg['code']}: {msg['message']}")
                 if msg["code"] in ("unresponsive", "bad_frame", "too_slow"):
@@ -246,7 +251,8 @@ class _Ahead:
     the server counts only what fits in the wait on its timeline."""
 
     seed: int
-    max_tokens: int
+    offered: int  # the round message's ahead_max
+    max_tokens: int  # within the drafter's context
     uniforms: object
     guess: bool = True
     resolved: bool = False
@@ -259,27 +265,35 @@ class _Ahead:
     def drafted(self) -> int:
         return len(self.cumulative_s)
 
-    def restart(self, session) -> None:
-        """Draft ahead again, from the committed context (the result is in)."""
+    def restart(self, session, room: int) -> bool:
+        """Draft ahead again, from the committed context (the result is in), at most
+        ``room`` tokens (the drafter's context left); False when there is none."""
+        self.max_tokens = min(self.offered, room)
+        if self.max_tokens < 1:
+            return False
         self.guess, self.open, self.carry_s, self.cumulative_s = False, True, 0.0, []
         session.begin(self.max_tokens, self.uniforms, 0.0)
+        return True
 
 
-def _begin_ahead(session, msg, stop, clock, cfg) -> _Ahead | None:
+def _begin_ahead(session, msg, stop, clock, cfg, room: int) -> _Ahead | None:
     """Start drafting the next draft while this one is verified, where the round message
-    asks for it (``ahead_max``, with the next round's ``next_sample_seed``)."""
-    max_tokens = int(msg.get("ahead_max", 0))
+    asks for it (``ahead_max``, with the next round's ``next_sample_seed``), at most
+    ``room`` tokens: what the drafter's context has left after the draft and the guess."""
+    offered = int(msg.get("ahead_max", 0))
+    max_tokens = min(offered, room)
     if max_tokens < 1 or stop > 0 or "next_sample_seed" not in msg:
         return None
     from multispin_env.live.speculative import draft_uniforms
 
     seed = int(msg["next_sample_seed"])
-    uniforms = None if cfg.greedy else draft_uniforms(seed, max_tokens)
+    uniforms = None if cfg.greedy else draft_uniforms(seed, offered)
     t0 = clock()
     if not session.begin_ahead(max_tokens, uniforms):
         return None
     return _Ahead(
         seed,
+        offered,
         max_tokens,
         uniforms,
         token_time_s=msg.get("token_time_s"),

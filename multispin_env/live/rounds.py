@@ -279,6 +279,10 @@ class PipelineRound:
             played.rows += [
                 server.row(a, None, {}, dropped) for a in members if a.device_id not in answers
             ]
+            for a in members:  # no draft this phase: its waits start again from nothing
+                if a.device_id not in answers:
+                    self.phase_end_s.pop(a.device_id, None)
+                    self.result_at_s.pop(a.device_id, None)
             answered = [a for a in members if a.device_id in answers]
             for a in answered:
                 self.charge_ahead(a, answers[a.device_id], start_s)

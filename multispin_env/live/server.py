@@ -546,7 +546,8 @@ class EdgeServer:
             # a draft of the old connection still waiting for verification is dropped: the
             # welcome carries only what is committed, and the device drafts again from there
             self.round_protocol.discard(device_id)
-            self._next_seeds.pop(device_id, None)
+            # (its announced seed stays: a round of it may be open; a fresh device has
+            # nothing drafted ahead, and it may not claim what was offered to the old one)
             self._ahead_offered.discard(device_id)
             user.ended, user.end_reason = False, None
         user.writer, user.disconnected_at, user.missed_rounds = writer, None, 0
@@ -595,6 +596,7 @@ class EdgeServer:
         # its answer for this round is "nothing": the others need not wait for it
         self._rejected.add(user.device_id)
         self._streams.pop(user.device_id, None)
+        self._whole_accepted[user.device_id] = False  # nothing of it was accepted
         await self._reply_error(writer, err.code, f"{err} (round {self._round})", user.device_id)
         self._check_arrived()
 
@@ -865,6 +867,8 @@ class EdgeServer:
         rejected = sorted(self._rejected)
         self._expected = set()
         dropped = [d for d in self._open if d not in answers and d not in self._rejected]
+        for device_id in dropped:  # its draft is not verified: no guess on it can hold
+            self._whole_accepted[device_id] = False
         for device_id, a in self._open.items():
             u = a.user
             if device_id in answers or device_id in self._rejected:

@@ -181,10 +181,9 @@ def parse_ahead(msg: dict, tokens: int, offered: bool) -> tuple[tuple[float, ...
         raise Rejected(
             "bad_draft", f"draft.ahead_compute_s must list {count} times, one per ahead token"
         )
-    try:
-        cumulative = tuple(float(t) for t in times)
-    except (TypeError, ValueError):
-        raise Rejected("bad_draft", "draft.ahead_compute_s must hold numbers") from None
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+        raise Rejected("bad_draft", "draft.ahead_compute_s must hold numbers (seconds)")
+    cumulative = tuple(float(t) for t in times)
     if not all(math.isfinite(t) and 0.0 <= t <= MAX_REPORTED_TIME_S for t in cumulative) or any(
         b < a for a, b in zip(cumulative, cumulative[1:], strict=False)
     ):
