@@ -237,6 +237,9 @@ def test_ahead_fields_are_checked():
     for msg, tokens, offered, text in bad:
         with pytest.raises(Rejected, match=text):
             parse_ahead(msg, tokens, offered)
+    with pytest.raises(Rejected, match="ahead_guess=1, but the previous draft"):
+        parse_ahead(ok, 3, offered=True, whole_accepted=False)
+    assert parse_ahead({**ok, "ahead_guess": 0}, 3, True, whole_accepted=False)[1] is False
 
 
 def test_proactive_drafting_needs_pipelined_groups():

@@ -223,9 +223,9 @@ def timing_here(
                 batches += [{**b, "context_tokens": context} for b in rec["batches"]]
     dependence = shape["context_dependence"]
     fit = scale_verification_law(shape["overrides"]["verification"], batches, dependence)
-    # a device's CPU time per token depends on how many draft at once (8 in a synchronous
-    # round, one group when pipelined: 2.4-2.7 against 1.8-2.0 ms here), so each protocol
-    # takes its own warm-up's
+    # a device's CPU time per token can depend on how many draft at once (8 in a synchronous
+    # round, one group when pipelined: 2.4-2.7 against 1.8-2.0 ms in one run here, equal in
+    # the next), so each protocol takes its own warm-up's
     drafting = {p: float(np.median(times)) for p, times in compute.items()}
     overrides = {"t_draft_mean_s": drafting[warmups[-1][0]], "verification": fit["law"]}
     record = {
@@ -258,6 +258,12 @@ def timing_here(
         f"{fit['scale']:.2f})"
     )
     return record
+
+
+def scheduler_name(scheduler: str) -> str:
+    """A live scheduler's short name for file names (``bundle:DIR`` -> ``bundle``,
+    ``tuned[...]`` -> ``tuned``)."""
+    return scheduler.split(":")[0].split("[")[0]
 
 
 def timing_for(calibration: dict, protocol: str) -> dict:
@@ -294,8 +300,7 @@ def policy_timing(
     kwargs = scenario_kwargs(a.users, protocol, a.timing, a.groups, moved, a.pair, proactive)
     if a.csi_error_std > 0:
         kwargs["csi_error_std"] = a.csi_error_std
-    name = scheduler.split(":")[0].split("[")[0]
-    path = out / f"timing_{name}_{protocol}.json"
+    path = out / f"timing_{scheduler_name(scheduler)}_{protocol}.json"
     doc = {
         "policy": label,
         "overrides": moved,
@@ -513,8 +518,7 @@ def main(argv=None) -> dict:
     live_runs = {label: [] for label, *_ in policies}
     for r in range(a.runs):
         for label, scheduler, _, protocol in policies:
-            name = scheduler.split(":")[0].split("[")[0]
-            trace = out / f"trace_{name}_{protocol}_r{r}.jsonl"
+            trace = out / f"trace_{scheduler_name(scheduler)}_{protocol}_r{r}.jsonl"
             live_runs[label].append(
                 live_goodput(
                     scheduler,

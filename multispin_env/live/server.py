@@ -609,13 +609,12 @@ class EdgeServer:
             if not self.decoding.greedy:  # sampling: the tokens must be the seed's draws
                 uniforms = draft_uniforms(self._sample_seeds[device_id], len(msg["tokens"]))
             draft = parse_draft(msg, self._requested[device_id], self.limits, uniforms)
-            ahead_s, ahead_guess = parse_ahead(msg, len(draft.tokens), device_id in self._may_ahead)
-            if ahead_guess and not self._whole_accepted.get(device_id, False):
-                raise Rejected(
-                    "bad_draft",
-                    "draft.ahead_guess=1, but the previous draft was not accepted whole, so "
-                    "tokens drafted on that guess were dropped; report ahead_guess=0",
-                )
+            ahead_s, ahead_guess = parse_ahead(
+                msg,
+                len(draft.tokens),
+                offered=device_id in self._may_ahead,
+                whole_accepted=self._whole_accepted.get(device_id, False),
+            )
         except Rejected as err:
             await self._reject(user, writer, err)
             return

@@ -208,10 +208,14 @@ def context_factor(dependence: dict | None, context_tokens: float) -> float:
     return float(np.clip(1.0 + dependence["per_token"] * change, 0.25, 4.0))
 
 
-def law_at_context(law: dict, dependence: dict | None, context_tokens: float) -> dict:
-    """A verification law (``kind`` plus seconds) moved to another context."""
-    factor = context_factor(dependence, context_tokens)
+def scaled_law(law: dict, factor: float) -> dict:
+    """A verification law (``kind`` plus seconds) with every time multiplied by ``factor``."""
     return {key: value if key == "kind" else value * factor for key, value in law.items()}
+
+
+def law_at_context(law: dict, dependence: dict | None, context_tokens: float) -> dict:
+    """A verification law moved to another context."""
+    return scaled_law(law, context_factor(dependence, context_tokens))
 
 
 def scale_verification_law(law: dict, batches: list[dict], dependence: dict | None = None) -> dict:
@@ -246,7 +250,7 @@ def scale_verification_law(law: dict, batches: list[dict], dependence: dict | No
         sizes[users] += 1
     scale = float(np.median(ratios))
     return {
-        "law": {key: value if key == "kind" else value * scale for key, value in law.items()},
+        "law": scaled_law(law, scale),
         "scale": scale,
         "batches": len(ratios),
         "batch_sizes": {int(k): int(n) for k, n in sorted(sizes.items())},

@@ -160,9 +160,12 @@ def parse_draft(msg: dict, requested_length: int, limits: RunLimits, uniforms=No
     return Draft(tokens, indices, values)
 
 
-def parse_ahead(msg: dict, tokens: int, offered: bool) -> tuple[tuple[float, ...], bool]:
+def parse_ahead(
+    msg: dict, tokens: int, offered: bool, whole_accepted: bool = True
+) -> tuple[tuple[float, ...], bool]:
     """The proactive part of a ``draft`` message: (drafting time up to each token drafted
-    ahead, drafted on the guess?). ``offered``: the round before offered drafting ahead."""
+    ahead, drafted on the guess?). ``offered``: the round before offered drafting ahead;
+    ``whole_accepted``: the sender's last draft was accepted whole (else no guess held)."""
     if "ahead" not in msg:
         if "ahead_compute_s" in msg or "ahead_guess" in msg:
             raise Rejected("bad_draft", "draft.ahead_compute_s/ahead_guess need draft.ahead")
@@ -195,6 +198,12 @@ def parse_ahead(msg: dict, tokens: int, offered: bool) -> tuple[tuple[float, ...
     guess = msg.get("ahead_guess", 0)
     if guess not in (0, 1):  # (an int: the message schema checked the type)
         raise Rejected("bad_draft", f"draft.ahead_guess={guess!r} must be 0 or 1")
+    if guess and not whole_accepted:
+        raise Rejected(
+            "bad_draft",
+            "draft.ahead_guess=1, but the previous draft was not accepted whole, so "
+            "tokens drafted on that guess were dropped; report ahead_guess=0",
+        )
     return cumulative, bool(guess)
 
 
